@@ -16,7 +16,9 @@ from .core import SpnError, write_json
 
 # %% auto #0
 __all__ = ['CIRR_KS', 'CIRR_SUBSET_KS', 'FASHIONIQ_KS', 'FASHIONIQ_PROTOCOLS', 'target_ranks', 'topk_retrieval', 'cirr_metrics',
-           'fashioniq_metrics', 'fashioniq_average', 'cirr_submission', 'write_cirr_submission']
+           'fashioniq_metrics', 'fashioniq_average', 'cirr_submission', 'write_cirr_submission', 'query_text',
+           'SplitFeatures', 'encode_images', 'encode_split', 'metrics_of', 'headline_score', 'evaluate_model',
+           'submit_cirr']
 
 # %% ../nbs/08_evaluation.ipynb #1852ddb4
 def _unit_features(feats, # (N, D) torch tensor or numpy array
@@ -324,3 +326,167 @@ def write_cirr_submission(out_dir:str|os.PathLike, # folder for the two files (c
     paths = out_dir / f"{split}_pred_ranks_recall.json", out_dir / f"{split}_pred_ranks_recall_subset.json"
     write_json(paths[0], recall, indent=None); write_json(paths[1], recall_subset, indent=None)
     return paths
+
+# %% ../nbs/08_evaluation.ipynb #f20bf5eb
+import dataclasses
+from tqdm.auto import tqdm
+from .core import autocast, pick_device, pick_precision
+from .data import ImageDataset, Split, Triplet, fashioniq_eval_text, load_dataset, split_image_names
+
+# %% ../nbs/08_evaluation.ipynb #7edbb664
+def query_text(triplet:Triplet, # one query
+               format:str # "fashioniq", "cirr" or "jsonl"
+              ) -> str:
+    "The evaluation text of a query: FashionIQ's joined captions, CIRR's caption, jsonl's text(s)."
+    texts = triplet.texts
+    if format == "cirr" or len(texts) == 1: return texts[0]
+    if len(texts) == 2: return fashioniq_eval_text(texts)
+    return " and ".join(t.strip(".?, ") for t in texts)
+
+# %% ../nbs/08_evaluation.ipynb #14a63f3a
+@dataclasses.dataclass
+class SplitFeatures:
+    "A split encoded by a model: normalised gallery and query features plus the names the metrics need."
+    gallery:torch.Tensor # (G, D) unit image features, float32 on the CPU
+    gallery_names:list[str] # G image names, in gallery row order
+    queries:torch.Tensor # (Q, D) unit composed query features
+    reference_names:list[str] # per query, its reference
+    target_names:list[str|None] # per query, its target (None in test splits)
+    group_members:list[list[str]|None] # per query, its image group (CIRR img_set.members / jsonl group)
+    pairids:list[int|None] # per query, its CIRR pairid
+
+def _workers(n_images:int, workers:int|None) -> int:
+    "Data-loader workers: the caller's choice, else none for small jobs and up to 8 for large ones."
+    if workers is not None: return workers
+    return 0 if n_images < 1024 else min(8, os.cpu_count() or 1)
+
+@torch.no_grad()
+def encode_images(model, # a `CIRModel`
+                  dataset:ImageDataset, # the images, with the model's transform
+                  batch_size:int=64, # images per forward pass
+                  workers:int|None=None, # data-loader workers (default: automatic)
+                  precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: automatic)
+                  progress:bool=True, # show a progress bar
+                  desc:str="encoding images" # progress-bar label
+                 ) -> torch.Tensor:
+    "Raw image features `(N, D)` of every image of `dataset`, float32 on the CPU."
+    device = model.device; dtype = pick_precision(device, precision)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=_workers(len(dataset), workers),
+                                         pin_memory=device.type == "cuda")
+    out = []
+    for images, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        with autocast(device, dtype): out.append(model.image_features(images.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
+
+# %% ../nbs/08_evaluation.ipynb #de6c4555
+@torch.no_grad()
+def encode_split(model, # a `CIRModel` (put it on the device first)
+                 split:Split, # one split (one FashionIQ category)
+                 batch_size:int=64, # images or queries per forward pass
+                 workers:int|None=None, # data-loader workers (default: automatic)
+                 precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: bf16/fp16 on CUDA, fp32 on CPU)
+                 transform_kind:str="targetpad", # 'targetpad' (CLIP4Cir) or 'resize'
+                 ratio:float=1.25, # target-pad ratio
+                 progress:bool=True # show progress bars
+                ) -> SplitFeatures:
+    "Gallery features of every image of `split` (each once) and the composed feature of every query."
+    if not split.triplets: raise SpnError(f"{split.format} {split.split} {split.category} has no queries to encode", split.root)
+    was_training = model.training; model.eval()
+    try:
+        dataset = ImageDataset.from_split(split, model.image_transform(transform_kind, ratio))
+        raw = encode_images(model, dataset, batch_size, workers, precision, progress,
+                            f"{split.split} {split.category} images")                     # (G, D)
+        row = {name: i for i, name in enumerate(dataset.names)}
+        device = model.device; dtype = pick_precision(device, precision)
+        refs = torch.tensor([row[t.reference] for t in split.triplets])
+        texts = [query_text(t, split.format) for t in split.triplets]
+        queries = []
+        for start in tqdm(range(0, len(texts), batch_size), desc=f"{split.split} {split.category} queries",
+                          disable=not progress, leave=False):
+            stop = start + batch_size
+            with autocast(device, dtype):
+                queries.append(model.encode_queries(raw[refs[start:stop]].to(device), texts[start:stop]).float().cpu())
+    finally: model.train(was_training)
+    return SplitFeatures(F.normalize(raw, dim=-1), list(dataset.names), F.normalize(torch.cat(queries), dim=-1),
+                         [t.reference for t in split.triplets], [t.target for t in split.triplets],
+                         [t.members for t in split.triplets], [t.pairid for t in split.triplets])
+
+# %% ../nbs/08_evaluation.ipynb #219065d7
+def _as_model(model, device):
+    "A `CIRModel` from a model or a spec / checkpoint folder."
+    if isinstance(model, (str, os.PathLike)):
+        from spn4cir.models import load_model
+        return load_model(model, device=pick_device(device))
+    return model if device is None else model.to(pick_device(device))
+
+def _jsonl_metrics(f:SplitFeatures) -> dict[str, float]:
+    "CIRR metrics when every query has a group, else R@K with the reference removed."
+    if all(m for m in f.group_members):
+        return cirr_metrics(f.queries, f.gallery, f.gallery_names, f.reference_names, f.target_names, f.group_members)
+    index = _name_index(f.gallery_names, len(f.gallery))
+    targets = _rows_of(index, f.target_names, "target", len(f.queries))
+    ranks = target_ranks(f.queries, f.gallery, targets, exclude=_rows_of(index, f.reference_names, "reference", len(f.queries)))
+    return {f"R@{k}": _recall(ranks, k) for k in CIRR_KS}
+
+def metrics_of(features:dict[str, SplitFeatures], # category -> encoded split ("all" for CIRR and jsonl)
+               format:str, # "fashioniq", "cirr" or "jsonl"
+               protocol:str="original" # FashionIQ protocol (see `fashioniq_metrics`)
+              ) -> dict:
+    "The `metrics.json` dictionary of encoded splits."
+    for cat, f in features.items():
+        if any(t is None for t in f.target_names): raise SpnError(f"{format} split {cat!r} has queries without targets: nothing to score (use `submit_cirr` for CIRR test1)")
+    if format == "fashioniq":
+        return fashioniq_average({cat: fashioniq_metrics(f.queries, f.gallery, f.gallery_names, f.target_names, f.reference_names, protocol)
+                                  for cat, f in features.items()})
+    f = features["all"]
+    if format == "cirr": return cirr_metrics(f.queries, f.gallery, f.gallery_names, f.reference_names, f.target_names, f.group_members)
+    return _jsonl_metrics(f)
+
+def headline_score(metrics:dict # a `metrics.json` dictionary
+                  ) -> float:
+    "The benchmark's mean score: FashionIQ `Rmean`, CIRR `avg`, else `R@10`."
+    for key in ("Rmean", "avg", "R@10"):
+        if key in metrics: return float(metrics[key])
+    raise SpnError(f"no headline metric (Rmean, avg or R@10) among {sorted(metrics)}")
+
+def evaluate_model(model, # a `CIRModel`, a checkpoint folder or an open_clip spec
+                   root:str|os.PathLike, # dataset folder (official layout)
+                   format:str, # "fashioniq", "cirr" or "jsonl"
+                   split:str="val", # the split to score
+                   protocol:str="original", # FashionIQ protocol: 'original', 'no-reference' or 'val-triplets'
+                   categories:str|list[str]|None=None, # FashionIQ categories (default: every one the split has)
+                   batch_size:int=64, # images or queries per forward pass
+                   workers:int|None=None, # data-loader workers (default: automatic)
+                   device:str|None=None, # where to run (default: the model's device; CUDA when loading a spec)
+                   precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: automatic)
+                   out:str|os.PathLike|None=None, # write the metrics here as JSON (atomically)
+                   progress:bool=True # show progress bars
+                  ) -> dict:
+    "Encode a dataset split with a model and score it: the `metrics.json` dictionary (percent)."
+    if format == "fashioniq" and protocol not in FASHIONIQ_PROTOCOLS:
+        raise SpnError(f"unknown FashionIQ protocol {protocol!r}, use one of {list(FASHIONIQ_PROTOCOLS)}")
+    splits = load_dataset(root, format, split, categories)
+    model = _as_model(model, device)
+    features = {cat: encode_split(model, s, batch_size, workers, precision, progress=progress) for cat, s in splits.items()}
+    metrics = metrics_of(features, format, protocol)
+    if out is not None: write_json(out, metrics)
+    return metrics
+
+# %% ../nbs/08_evaluation.ipynb #24471071
+def submit_cirr(model, # a `CIRModel`, a checkpoint folder or an open_clip spec
+                root:str|os.PathLike, # CIRR dataset folder
+                out_dir:str|os.PathLike, # folder for the two JSON files
+                split:str="test1", # the CIRR split to rank
+                batch_size:int=64, # images or queries per forward pass
+                workers:int|None=None, # data-loader workers (default: automatic)
+                device:str|None=None, # where to run (default: the model's device; CUDA when loading a spec)
+                precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: automatic)
+                progress:bool=True # show progress bars
+               ) -> tuple[Path, Path]:
+    "Write `<split>_pred_ranks_recall.json` and `<split>_pred_ranks_recall_subset.json` for the CIRR server."
+    test = load_dataset(root, "cirr", split)["all"]
+    f = encode_split(_as_model(model, device), test, batch_size, workers, precision, progress=progress)
+    missing = [t.pairid for t in test.triplets if not t.members]
+    if missing: raise SpnError(f"query pairid {missing[0]} has no img_set.members: the recall_subset file needs them", root)
+    recall, recall_subset = cirr_submission(f.queries, f.gallery, f.gallery_names, f.reference_names, f.pairids, f.group_members)
+    return write_cirr_submission(out_dir, recall, recall_subset, split)
