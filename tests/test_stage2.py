@@ -208,3 +208,131 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tiny, images, tmp_path):
 def test_missing_image_is_named(tiny, images):
     images["ghost"] = images["name0"].parent / "ghost.png"
     with pytest.raises(SpnError, match="ghost.png: image 'ghost' not found"): build_banks(tiny, images, progress=False)
+
+
+# ---- training ---------------------------------------------------------------------------------------
+
+from spn4cir.core import read_jsonl
+from spn4cir.data import Triplet, load_dataset, write_triplets
+from spn4cir.models import load_model, save_checkpoint
+from spn4cir.synthetic import write_shapes_cir
+from spn4cir.stage2 import (HISTORY_FILE, STATE_FILE, CURVE_FILE, ImageBank, bank_examples, epoch_order, freeze_image_side,
+                            read_extra_negatives, train_bank_images, train_stage2)
+
+FAST = dict(epochs=1, batch_size=8, lr=1e-4, tau=0.05, progress=False)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_cir(root / "data", format="cirr", seed=3, n_train_triplets=20, n_unlabeled=12, n_val=8, n_test=4,
+                     n_pretrain=6, n_duplicates=2, progress=False)
+    torch.manual_seed(0)
+    save_checkpoint(CIRModel(*create_backbone("spn-tiny-vit")), root / "start")
+    return root
+
+
+def _states_equal(a, b, prefix=""):
+    keys = [k for k in a if k.startswith(prefix)]
+    return bool(keys) and all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_image_tower_and_bank_never_change_while_text_side_trains(shapes, tmp_path):
+    net = load_model(shapes / "start")
+    splits = load_dataset(shapes / "data", "cirr", "train")
+    triplets = splits["all"].triplets
+    bank = build_banks(net, train_bank_images(splits, triplets), progress=False)
+    before_bank = (bank.target_bank.clone(), bank.refer_bank.clone())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = freeze_image_side(net)
+    assert all(not p.requires_grad for p in net.backbone.visual.parameters())
+    assert all(p.requires_grad for p in net.backbone.transformer.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    examples = bank_examples(triplets, [], bank.rows)
+    stage2._run_epoch(net, bank, examples, "cirr", epoch_order(examples, 1, 0), 1, 0, 8, 0.05, None, 1024, optimizer,
+                      torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), torch.float32, False)
+    after = net.state_dict()
+    assert _states_equal(before, after, "backbone.visual.")
+    assert torch.equal(before["backbone.logit_scale"], after["backbone.logit_scale"])
+    assert not _states_equal(before, after, "backbone.transformer.")
+    assert torch.equal(before_bank[0], bank.target_bank) and torch.equal(before_bank[1], bank.refer_bank)
+
+
+def test_run_writes_best_checkpoint_history_curve_and_keeps_image_side(shapes, tmp_path):
+    run = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", **FAST)
+    assert [h["epoch"] for h in run["history"]] == [0, 1]
+    assert [h["epoch"] for h in read_jsonl(tmp_path / "out" / HISTORY_FILE)] == [0, 1]
+    assert (tmp_path / "out" / CURVE_FILE).stat().st_size > 1000
+    best = load_model(tmp_path / "out")
+    assert best.extra_config["stage"] == 2 and best.extra_config["stage2"]["epoch"] == run["best_epoch"]
+    assert best.extra_config["stage2"]["score"] == run["best_score"]
+    start = load_model(shapes / "start").state_dict()
+    last = torch.load(tmp_path / "out" / STATE_FILE, weights_only=True)["model"]
+    assert _states_equal(start, last, "backbone.visual.") and not _states_equal(start, last, "backbone.transformer.")
+    from spn4cir.evaluate import evaluate_model, headline_score
+    assert abs(headline_score(evaluate_model(tmp_path / "out", shapes / "data", "cirr", progress=False)) - run["best_score"]) < 1e-6
+
+
+def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
+    settings = dict(batch_size=8, lr=1e-4, tau=0.05, progress=False, cache_dir=tmp_path / "cache")
+    whole = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "whole", epochs=2, **settings)
+    train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "parts", epochs=1, **settings)
+    resumed = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "parts", epochs=2, resume=True, **settings)
+    assert resumed["bank_from_cache"]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in whole["history"]]
+    a = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=True)["model"]
+    b = torch.load(tmp_path / "parts" / STATE_FILE, weights_only=True)["model"]
+    assert _states_equal(a, b)
+    with pytest.raises(SpnError, match="other settings"):
+        train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "parts", epochs=3, resume=True,
+                     **(settings | {"lr": 1e-3}))
+
+
+def test_generated_positives_and_extra_negatives(shapes, tmp_path):
+    train = load_dataset(shapes / "data", "cirr", "train")["all"]
+    used = {n for t in train.triplets for n in (t.reference, t.target)}
+    unused = [n for n in train.images if n not in used]
+    made = [Triplet(unused[i], unused[i + 1], [f"generated text {i}"], pairid=10_000 + i) for i in range(4)]
+    write_triplets(tmp_path / "extra.json", made, "cirr")
+    pretrain = shapes / "data" / "pretrain"
+    run = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", extra=tmp_path / "extra.json",
+                       extra_negatives=pretrain, neg_num=5, **FAST)
+    n_extra = len(read_extra_negatives(pretrain))
+    assert run["generated"] == 4 and run["examples"] == len(train.triplets) + 4
+    assert run["bank_images"] == run["train_images"] + n_extra
+    assert run["bank_rows"] == run["train_images"] - 2 + n_extra          # two duplicates; pretraining images are unique
+    assert run["history"][1]["steps"] == (len(train.triplets) + 4) // 8
+
+
+def test_extra_triplet_outside_the_training_images_is_named(shapes, tmp_path):
+    write_triplets(tmp_path / "extra.json", [Triplet("nowhere", "nothing", ["x"], pairid=1)], "cirr")
+    with pytest.raises(SpnError, match=r"extra.json: record 0: reference 'nowhere' is not a training image"):
+        train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", extra=tmp_path / "extra.json", **FAST)
+
+
+def test_non_finite_loss_stops_and_keeps_the_best_checkpoint(shapes, tmp_path, monkeypatch):
+    monkeypatch.setattr(stage2, "bank_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SpnError, match="loss became nan at epoch 1 step 1"):
+        train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", **FAST)
+    assert load_model(tmp_path / "out").extra_config["stage2"]["epoch"] == 0
+
+
+@pytest.mark.parametrize("bad, message", [(dict(epochs=0), "epochs >= 1"), (dict(neg_num=0), "neg_num must be >= 1"),
+                                          (dict(tau=0.0), "must be positive")])
+def test_bad_settings_are_refused(shapes, tmp_path, bad, message):
+    with pytest.raises(SpnError, match=message):
+        train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", **(FAST | bad))
+
+
+def test_missing_training_images(shapes, tmp_path):
+    "A missing image a triplet needs is an error; a missing unused one is left out with a warning."
+    splits = load_dataset(shapes / "data", "cirr", "train")
+    split, listed = splits["all"], dict(splits["all"].images)
+    used = {n for t in split.triplets for n in (t.reference, t.target)}
+    needed, unused = split.triplets[0].target, next(n for n in listed if n not in used)
+    split.images = listed | {needed: tmp_path / "gone.png"}
+    with pytest.raises(SpnError, match=f"target image '{needed}' is missing"): train_bank_images(splits, split.triplets)
+    split.images = listed | {unused: tmp_path / "gone.png"}
+    with pytest.warns(UserWarning, match="left out of the bank"):
+        images = train_bank_images(splits, split.triplets)
+    assert unused not in images and len(images) == len(listed) - 1
