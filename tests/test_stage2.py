@@ -216,8 +216,10 @@ from spn4cir.core import read_jsonl
 from spn4cir.data import Triplet, load_dataset, write_triplets
 from spn4cir.models import load_model, save_checkpoint
 from spn4cir.synthetic import write_shapes_cir
-from spn4cir.stage2 import (HISTORY_FILE, STATE_FILE, CURVE_FILE, ImageBank, bank_examples, epoch_order, freeze_image_side,
-                            read_extra_negatives, train_bank_images, train_stage2)
+from spn4cir.models import load_checkpoint
+from spn4cir.stage1 import epoch_order, find_train_state, training_set
+from spn4cir.stage2 import (HISTORY_FILE, CURVE_FILE, bank_rows, freeze_image_side, read_extra_negatives, train_bank_images,
+                            train_stage2)
 
 FAST = dict(epochs=1, batch_size=8, lr=1e-4, tau=0.05, progress=False)
 
@@ -248,9 +250,10 @@ def test_image_tower_and_bank_never_change_while_text_side_trains(shapes, tmp_pa
     assert all(not p.requires_grad for p in net.backbone.visual.parameters())
     assert all(p.requires_grad for p in net.backbone.transformer.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    examples = bank_examples(triplets, [], bank.rows)
-    stage2._run_epoch(net, bank, examples, "cirr", epoch_order(examples, 1, 0), 1, 0, 8, 0.05, None, 1024, optimizer,
-                      torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), torch.float32, False)
+    tset = training_set(shapes / "data", "cirr", progress=False)
+    refs, targets = bank_rows(tset.triplets, bank.rows)
+    stage2._run_epoch(net, bank, tset, refs, targets, "cirr", epoch_order(tset.generated, 1, 0), 1, 0, 8, 0.05, None, 1024,
+                      optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), torch.float32, False)
     after = net.state_dict()
     assert _states_equal(before, after, "backbone.visual.")
     assert torch.equal(before["backbone.logit_scale"], after["backbone.logit_scale"])
@@ -267,8 +270,10 @@ def test_run_writes_best_checkpoint_history_curve_and_keeps_image_side(shapes, t
     assert best.extra_config["stage"] == 2 and best.extra_config["stage2"]["epoch"] == run["best_epoch"]
     assert best.extra_config["stage2"]["score"] == run["best_score"]
     start = load_model(shapes / "start").state_dict()
-    last = torch.load(tmp_path / "out" / STATE_FILE, weights_only=True)["model"]
+    last = load_checkpoint(find_train_state(tmp_path / "out")).state_dict()
     assert _states_equal(start, last, "backbone.visual.") and not _states_equal(start, last, "backbone.transformer.")
+    with pytest.raises(SpnError, match="pass resume=True"):
+        train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", **FAST)
     from spn4cir.evaluate import evaluate_model, headline_score
     assert abs(headline_score(evaluate_model(tmp_path / "out", shapes / "data", "cirr", progress=False)) - run["best_score"]) < 1e-6
 
@@ -280,8 +285,8 @@ def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
     resumed = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "parts", epochs=2, resume=True, **settings)
     assert resumed["bank_from_cache"]
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in whole["history"]]
-    a = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=True)["model"]
-    b = torch.load(tmp_path / "parts" / STATE_FILE, weights_only=True)["model"]
+    a = load_checkpoint(find_train_state(tmp_path / "whole")).state_dict()
+    b = load_checkpoint(find_train_state(tmp_path / "parts")).state_dict()
     assert _states_equal(a, b)
     with pytest.raises(SpnError, match="other settings"):
         train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "parts", epochs=3, resume=True,
@@ -298,7 +303,7 @@ def test_generated_positives_and_extra_negatives(shapes, tmp_path):
     run = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", extra=tmp_path / "extra.json",
                        extra_negatives=pretrain, neg_num=5, **FAST)
     n_extra = len(read_extra_negatives(pretrain))
-    assert run["generated"] == 4 and run["examples"] == len(train.triplets) + 4
+    assert run["generated"] == 4 and run["triplets"] == len(train.triplets) + 4
     assert run["bank_images"] == run["train_images"] + n_extra
     assert run["bank_rows"] == run["train_images"] - 2 + n_extra          # two duplicates; pretraining images are unique
     assert run["history"][1]["steps"] == (len(train.triplets) + 4) // 8
@@ -306,13 +311,13 @@ def test_generated_positives_and_extra_negatives(shapes, tmp_path):
 
 def test_extra_triplet_outside_the_training_images_is_named(shapes, tmp_path):
     write_triplets(tmp_path / "extra.json", [Triplet("nowhere", "nothing", ["x"], pairid=1)], "cirr")
-    with pytest.raises(SpnError, match=r"extra.json: record 0: reference 'nowhere' is not a training image"):
+    with pytest.raises(SpnError, match=r"extra.json: record 0: reference 'nowhere' is not an image of the train split"):
         train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", extra=tmp_path / "extra.json", **FAST)
 
 
 def test_non_finite_loss_stops_and_keeps_the_best_checkpoint(shapes, tmp_path, monkeypatch):
     monkeypatch.setattr(stage2, "bank_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(SpnError, match="loss became nan at epoch 1 step 1"):
+    with pytest.raises(SpnError, match="loss became nan at epoch 1, step 1"):
         train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", **FAST)
     assert load_model(tmp_path / "out").extra_config["stage2"]["epoch"] == 0
 
