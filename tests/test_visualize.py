@@ -12,7 +12,7 @@ from PIL import Image
 
 from spn4cir.core import SpnError, write_jsonl
 from spn4cir.data import fashioniq_eval_text, load_dataset, load_image
-from spn4cir.evaluate import cirr_metrics, fashioniq_metrics
+from spn4cir.evaluate import cirr_metrics, encode_split, fashioniq_metrics
 from spn4cir.models import CIRModel, create_backbone, save_checkpoint
 from spn4cir.synthetic import write_shapes_cir
 from spn4cir.visualize import (GREEN, SplitEmbeddings, compose_query, embed_split, plot_embedding_space, plot_retrieval_gallery,
@@ -128,6 +128,11 @@ def test_embed_split_fashioniq_ranks_within_category(shapes, fiq_emb):
     emb = fiq_emb
     assert not emb.exclude_reference and emb.query_groups is not None
     assert emb.texts == [fashioniq_eval_text(t.texts) for s in splits.values() for t in s.triplets]
+    for cat, s in splits.items():                                     # the same rows as the evaluation's encoding
+        f, g = encode_split(shapes["model"], s, progress=False), [i for i, c in enumerate(emb.gallery_groups) if c == cat]
+        assert [emb.names[i] for i in g] == f.gallery_names
+        torch.testing.assert_close(emb.gallery[g], f.gallery, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(emb.queries[[i for i, c in enumerate(emb.query_groups) if c == cat]], f.queries, atol=1e-5, rtol=1e-4)
     rows, _, ranks = top_results(emb, range(len(emb)), 8)
     for i, results in enumerate(rows):
         assert {emb.gallery_groups[r] for r in results.tolist() if r >= 0} == {emb.query_groups[i]}
@@ -265,6 +270,18 @@ def test_training_curves_overlay_runs_from_jsonl(tmp_path):
     assert metric_ax.get_ylabel() == "val/Rmean" and loss_ax.get_xlabel() == "epoch"
     assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["a/history", "b/history"]
     assert (tmp_path/"c.png").read_bytes()[:4] == b"\x89PNG"
+
+def test_training_curves_read_stage_histories(tmp_path):
+    "The records stage 1 and stage 2 append: epoch 0 is the baseline without a loss, metrics nested."
+    record = lambda e, loss, m: {"epoch": e, "train_loss": loss, "lr": 1e-5, "steps": 4 * e, "seconds": 1.0, "score": m,
+                                 "metrics": {"R@1": m / 2, "R@5": m, "R@10": m, "R@50": m, "Rs@1": m, "Rs@2": m, "Rs@3": m, "avg": m}}
+    write_jsonl(tmp_path/"stage1_history.jsonl", [record(0, None, 10.0), record(1, 2.0, 20.0), record(2, 1.5, 22.0)])
+    write_jsonl(tmp_path/"stage2_history.jsonl", [record(0, None, 22.0), record(1, 1.1, 25.0)])
+    fig = plot_training_curves([tmp_path/"stage1_history.jsonl", tmp_path/"stage2_history.jsonl"])
+    loss_ax, metric_ax = fig.axes[:2]
+    assert [list(l.get_xdata()) for l in loss_ax.lines] == [[1, 2], [1]]
+    assert [list(l.get_ydata()) for l in metric_ax.lines] == [[10.0, 20.0, 22.0], [22.0, 25.0]]
+    assert metric_ax.get_ylabel() == "metrics/avg" and metric_ax.get_title() == "validation avg per epoch"
 
 def test_training_curves_name_the_bad_file(tmp_path):
     (tmp_path/"h.jsonl").write_text('{"epoch": 1, "loss": 1}\n{"epoch": 2, "loss"\n')
