@@ -1,0 +1,217 @@
+"""Tests of spn4cir.stage1: multi-process equivalence (gloo, 2 CPU processes), exact resume, non-finite loss, mixing, train parts."""
+import os, subprocess, sys, textwrap
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from spn4cir.core import SpnError, read_json, read_jsonl
+from spn4cir.data import write_triplets
+from spn4cir.models import CIRModel, build_backbone, load_checkpoint, save_checkpoint, set_trainable
+from spn4cir.synthetic import write_shapes_cir
+import spn4cir.stage1 as stage1
+from spn4cir.stage1 import (CURVE_FILE, HISTORY_FILE, STATE_DIR, QueryTargetNet, TripletBatches, batch_loss, train_stage1,
+                            training_set)
+
+MICRO = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+SIZES = dict(n_train_triplets=16, n_unlabeled=6, n_val=12, n_test=4, n_pretrain=0, n_duplicates=2, progress=False)
+RUN = dict(epochs=2, batch_size=8, lr=1e-4, tau=0.05, progress=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    "A tiny CIRR-layout and FashionIQ-layout Shapes-CIR and a micro model checkpoint."
+    root = tmp_path_factory.mktemp("stage1")
+    write_shapes_cir(root/"cirr", "cirr", **SIZES)
+    write_shapes_cir(root/"fiq", "fashioniq", **SIZES)
+    torch.manual_seed(0)
+    backbone = build_backbone(MICRO)
+    model = CIRModel(backbone, {"name": "micro", "model_cfg": MICRO, "preprocess_cfg": open_clip.get_model_preprocess_cfg(backbone)})
+    return {"root": root, "cirr": root/"cirr", "fiq": root/"fiq", "ckpt": str(save_checkpoint(model, root/"micro"))}
+
+
+def weights(folder):
+    return load_file(str(Path(folder)/"model.safetensors"))
+
+
+# ---------------------------------------------------------------- several processes = one process
+
+STEP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from safetensors.torch import save_file
+from spn4cir.models import load_checkpoint, set_trainable
+from spn4cir.stage1 import QueryTargetNet, TripletBatches, batch_loss, training_set
+ckpt, data, out = sys.argv[1:4]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model = load_checkpoint(ckpt); set_trainable(model, "both"); model.train(); model.backbone.eval()
+tset = training_set(data, "cirr", progress=False)
+tset.target_groups[6] = tset.target_groups[1]        # a duplicate pair split across the two ranks
+batches = TripletBatches(tset, "cirr", model.image_transform(), model.tokenize, seed=0)
+shard = len({B}) // world
+ddp = torch.nn.parallel.DistributedDataParallel(QueryTargetNet(model))
+loss = batch_loss(ddp, batches[(0, {B}[rank * shard:(rank + 1) * shard])], 0.05, torch.device("cpu"))
+loss.backward()
+mean = loss.detach().clone(); dist.all_reduce(mean); mean /= world
+if rank == 0:
+    save_file({{"loss": mean, **{{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}}}, out)
+dist.destroy_process_group()
+"""
+
+def torchrun(script:Path, *args, nproc:int=2, timeout:int=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *map(str, args)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_two_processes_give_the_single_process_loss_and_gradients(world, tmp_path):
+    batch = list(range(8))
+    script = tmp_path/"step.py"; script.write_text(STEP_SCRIPT.format(B=batch))
+    torchrun(script, world["ckpt"], world["cirr"], tmp_path/"ddp.safetensors")
+    ddp = load_file(str(tmp_path/"ddp.safetensors"))
+
+    model = load_checkpoint(world["ckpt"]); set_trainable(model, "both"); model.train(); model.backbone.eval()
+    tset = training_set(world["cirr"], "cirr", progress=False)
+    tset.target_groups[6] = tset.target_groups[1]
+    batches = TripletBatches(tset, "cirr", model.image_transform(), model.tokenize, seed=0)
+    loss = batch_loss(QueryTargetNet(model), batches[(0, batch)], 0.05, torch.device("cpu"))
+    loss.backward()
+    single = {"loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+
+    assert single.keys() == ddp.keys() and len(single) > 10
+    torch.testing.assert_close(ddp["loss"], single["loss"], atol=1e-5, rtol=1e-5)
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    # the duplicate mask matters: without it the loss differs
+    assert any(single[n].abs().sum() > 0 for n in single if n.startswith("backbone.visual"))
+
+
+RUN_SCRIPT = """
+import sys
+from spn4cir.stage1 import train_stage1
+ckpt, data, out = sys.argv[1:4]
+train_stage1(data, "cirr", ckpt, out, epochs=1, batch_size=8, lr=1e-4, tau=0.05, progress=False)
+"""
+
+def test_torchrun_training_matches_one_process(world, tmp_path):
+    "The whole training function under torchrun (2 gloo processes) ends with the weights of a 1-process run."
+    script = tmp_path/"run.py"; script.write_text(RUN_SCRIPT)
+    torchrun(script, world["ckpt"], world["cirr"], tmp_path/"ddp")
+    single = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"one", epochs=1, batch_size=8, lr=1e-4, tau=0.05, progress=False)
+    ddp_history = read_jsonl(tmp_path/"ddp"/HISTORY_FILE)
+    assert ddp_history[1]["train_loss"] == pytest.approx(single["history"][1]["train_loss"], abs=1e-5)
+    # Adam divides each update by the gradient's running scale, so a parameter whose gradient is ~0 can move by up to
+    # lr in either direction on float noise alone: weights agree to a fraction of one step, gradients (above) to 1e-5
+    a, b = weights(tmp_path/"ddp"/STATE_DIR), weights(tmp_path/"one"/STATE_DIR)
+    for name in a: torch.testing.assert_close(a[name], b[name], atol=0.25 * 1e-4, rtol=0)
+    assert ddp_history[1]["metrics"] == pytest.approx(single["history"][1]["metrics"], abs=1e-6)
+
+
+def test_batch_size_must_split_over_processes(world, tmp_path):
+    script = tmp_path/"odd.py"
+    script.write_text(RUN_SCRIPT.replace("batch_size=8", "batch_size=7"))
+    with pytest.raises(AssertionError, match="batch_size 7 must be a multiple of the 2 processes"): torchrun(script, world["ckpt"], world["cirr"], tmp_path/"o")
+
+
+# ---------------------------------------------------------------- resume, failures
+
+def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(world, tmp_path, monkeypatch):
+    full = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"full", **RUN)
+
+    real_plot, calls = stage1.plot_history, []
+    def interrupted(history, path=None, title="stage 1"):
+        calls.append(len(history))
+        if len(calls) == 1: raise KeyboardInterrupt   # killed right after epoch 1 was saved
+        return real_plot(history, path, title)
+    monkeypatch.setattr(stage1, "plot_history", interrupted)
+    with pytest.raises(KeyboardInterrupt): train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"cut", **RUN)
+    assert [h["epoch"] for h in read_json(tmp_path/"cut"/STATE_DIR/"state.json")["history"]] == [0, 1]
+    resumed = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"cut", resume=True, **RUN)
+
+    strip = lambda hs: [{k: v for k, v in h.items() if k not in ("seconds", "val_seconds", "triplets_per_second")} for h in hs]
+    assert strip(resumed["history"]) == strip(full["history"])
+    assert [h["epoch"] for h in read_jsonl(tmp_path/"cut"/HISTORY_FILE)] == [0, 1, 2]
+    a, b = weights(tmp_path/"cut"/STATE_DIR), weights(tmp_path/"full"/STATE_DIR)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(load_file(str(tmp_path/"cut"/STATE_DIR/"optimizer.safetensors"))["0/exp_avg"],
+                       load_file(str(tmp_path/"full"/STATE_DIR/"optimizer.safetensors"))["0/exp_avg"])
+
+
+def test_resume_with_more_epochs_continues(world, tmp_path):
+    train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"r", **(RUN | {"epochs": 1}))
+    more = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"r", resume=True, **RUN)
+    assert [h["epoch"] for h in more["history"]] == [0, 1, 2]
+
+
+def test_resume_of_a_cosine_run_needs_the_same_epochs(world, tmp_path):
+    train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"c", schedule="cosine", warmup=0.2, **(RUN | {"epochs": 1}))
+    with pytest.raises(SpnError, match="'epochs': \\(1, 2\\)"):
+        train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"c", schedule="cosine", warmup=0.2, resume=True, **RUN)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(world, tmp_path, monkeypatch):
+    train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"n", **(RUN | {"epochs": 1}))
+    best, state = weights(tmp_path/"n"), weights(tmp_path/"n"/STATE_DIR)
+    real = stage1.batch_loss
+    monkeypatch.setattr(stage1, "batch_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SpnError, match="the training loss became nan at epoch 2, batch 1; the run stops before this update"):
+        train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"n", resume=True, **RUN)
+    after_best, after_state = weights(tmp_path/"n"), weights(tmp_path/"n"/STATE_DIR)
+    assert all(torch.equal(best[k], after_best[k]) and torch.equal(state[k], after_state[k]) for k in best)
+    assert [h["epoch"] for h in read_jsonl(tmp_path/"n"/HISTORY_FILE)] == [0, 1]
+
+
+def test_settings_are_checked(world, tmp_path):
+    with pytest.raises(SpnError, match="unknown schedule"): train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"x", schedule="step")
+    with pytest.raises(SpnError, match="unknown trainable group 'tower'"):
+        train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"x", train_part="tower", **RUN)
+    with pytest.raises(SpnError, match="nothing to train for 'combiner'"):
+        train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"x", train_part="combiner", **RUN)
+
+
+# ---------------------------------------------------------------- what trains, mixing, accumulation, FashionIQ
+
+def test_text_only_leaves_the_image_tower_untouched(world, tmp_path):
+    train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"t", train_part="text", **(RUN | {"epochs": 1}))
+    start, end = weights(world["ckpt"]), weights(tmp_path/"t"/STATE_DIR)
+    visual = [k for k in start if k.startswith("backbone.visual.")]
+    text = [k for k in start if k.startswith("backbone.transformer.")]
+    assert all(torch.equal(start[k], end[k]) for k in visual)
+    assert not all(torch.equal(start[k], end[k]) for k in text)
+    assert torch.equal(start["backbone.logit_scale"], end["backbone.logit_scale"])
+
+
+def test_combiner_only_training_of_a_clip4cir_combiner(world, tmp_path):
+    run = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"k", combiner="clip4cir", train_part="combiner", **(RUN | {"epochs": 1}))
+    start, end = weights(world["ckpt"]), weights(tmp_path/"k"/STATE_DIR)
+    assert all(torch.equal(start[k], end[k]) for k in start)
+    assert load_checkpoint(tmp_path/"k"/STATE_DIR).combiner.kind == "clip4cir" and run["history"][1]["steps"] == 2
+
+
+def test_extra_triplets_ratio_and_zero_shot(world, tmp_path):
+    human = training_set(world["cirr"], "cirr", progress=False).triplets
+    generated = [t.__class__(t.reference, t.target, ["a generated text"], pairid=500 + i, members=t.members, extra=dict(t.extra))
+                 for i, t in enumerate(human * 2)]
+    write_triplets(tmp_path/"gen.json", generated, "cirr")
+    mixed = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"m", extra=tmp_path/"gen.json", extra_ratio=0.5, **(RUN | {"epochs": 1}))
+    assert mixed["triplets"] == 48 and mixed["generated"] == 32
+    assert mixed["history"][1]["steps"] == (16 + 8) // 8                   # 16 human + at most 0.5 per human
+    zero = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"z", extra=tmp_path/"gen.json", no_human=True, **(RUN | {"epochs": 1}))
+    assert zero["triplets"] == 32 and zero["generated"] == 32 and zero["history"][1]["steps"] == 4
+
+
+def test_accumulation_steps_less_often(world, tmp_path):
+    run = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"a", accum=3, **(RUN | {"epochs": 1, "batch_size": 4}))
+    assert run["history"][1]["steps"] == 2                                  # 4 batches: one step of 3, one of 1
+
+
+def test_fashioniq_training_and_validation(world, tmp_path):
+    run = train_stage1(world["fiq"], "fashioniq", world["ckpt"], tmp_path/"f", **(RUN | {"epochs": 1}))
+    assert set(run["history"][1]["metrics"]) == {"black", "grey", "white", "average", "Rmean"}
+    assert run["history"][1]["score"] == run["history"][1]["metrics"]["Rmean"]
+    assert (tmp_path/"f"/CURVE_FILE).is_file() and read_json(tmp_path/"f"/"config.json")["extra"]["stage"] == 1
