@@ -2,7 +2,6 @@
 import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # set before anything imports huggingface_hub; the fixture below covers earlier imports
 import json, signal, subprocess, sys, textwrap, time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,17 +204,21 @@ def test_shard_files_concatenate_to_the_full_run(tmp_path):
     (tmp_path / "merged.jsonl").write_text(merged)
     assert read_captions(tmp_path / "merged.jsonl") == caps == read_captions(tmp_path / "full.jsonl")
 
-def test_resume_after_torn_line_and_refusals(tmp_path):
+def test_resume_after_torn_line_and_refusals(tmp_path, monkeypatch):
     caps = _picture_folder(tmp_path / "pics", 12)
     images = folder_images(tmp_path / "pics")
     meta = MetadataCaptioner(tmp_path / "truth.jsonl")
     caption_images(images, meta, tmp_path / "a.jsonl", batch_size=4, progress=False)
     data = (tmp_path / "a.jsonl").read_bytes()
+    assert read_captions(tmp_path / "a.jsonl") == caps
     for cut in (1, len(data) // 3, len(data) - 2):
         (tmp_path / "b.jsonl").write_bytes(data[:cut])
         summary = caption_images(images, meta, tmp_path / "b.jsonl", batch_size=4, progress=False)
         assert summary["resumed"] + summary["captioned"] == 12
         assert (tmp_path / "b.jsonl").read_bytes() == data  # sorted order, so the resumed file is byte-identical
+    monkeypatch.chdir(tmp_path)  # the same source named by a relative path is the same run
+    relative = caption_images(folder_images("pics"), MetadataCaptioner("truth.jsonl"), tmp_path / "b.jsonl", progress=False)
+    assert relative["resumed"] == 12 and relative["captioned"] == 0
     noisy = MetadataCaptioner(tmp_path / "truth.jsonl", swap_prob=0.5)
     with pytest.raises(SpnError, match="was written with"): caption_images(images, noisy, tmp_path / "a.jsonl", progress=False)
     with pytest.raises(SpnError, match="not among this run's images"):
