@@ -327,13 +327,13 @@ def write_cirr_submission(out_dir:str|os.PathLike, # folder for the two files (c
     write_json(paths[0], recall, indent=None); write_json(paths[1], recall_subset, indent=None)
     return paths
 
-# %% ../nbs/08_evaluation.ipynb #f20bf5eb
+# %% ../nbs/08_evaluation.ipynb #c2b44668
 import dataclasses
 from tqdm.auto import tqdm
 from .core import autocast, pick_device, pick_precision
 from .data import ImageDataset, Split, Triplet, fashioniq_eval_text, load_dataset, split_image_names
 
-# %% ../nbs/08_evaluation.ipynb #7edbb664
+# %% ../nbs/08_evaluation.ipynb #feec527d
 def query_text(triplet:Triplet, # one query
                format:str # "fashioniq", "cirr" or "jsonl"
               ) -> str:
@@ -343,7 +343,7 @@ def query_text(triplet:Triplet, # one query
     if len(texts) == 2: return fashioniq_eval_text(texts)
     return " and ".join(t.strip(".?, ") for t in texts)
 
-# %% ../nbs/08_evaluation.ipynb #14a63f3a
+# %% ../nbs/08_evaluation.ipynb #050cd892
 @dataclasses.dataclass
 class SplitFeatures:
     "A split encoded by a model: normalised gallery and query features plus the names the metrics need."
@@ -378,7 +378,7 @@ def encode_images(model, # a `CIRModel`
         with autocast(device, dtype): out.append(model.image_features(images.to(device, non_blocking=True)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
 
-# %% ../nbs/08_evaluation.ipynb #de6c4555
+# %% ../nbs/08_evaluation.ipynb #8882abc8
 @torch.no_grad()
 def encode_split(model, # a `CIRModel` (put it on the device first)
                  split:Split, # one split (one FashionIQ category)
@@ -411,7 +411,7 @@ def encode_split(model, # a `CIRModel` (put it on the device first)
                          [t.reference for t in split.triplets], [t.target for t in split.triplets],
                          [t.members for t in split.triplets], [t.pairid for t in split.triplets])
 
-# %% ../nbs/08_evaluation.ipynb #219065d7
+# %% ../nbs/08_evaluation.ipynb #208c40e5
 def _as_model(model, device):
     "A `CIRModel` from a model or a spec / checkpoint folder."
     if isinstance(model, (str, os.PathLike)):
@@ -472,7 +472,7 @@ def evaluate_model(model, # a `CIRModel`, a checkpoint folder or an open_clip sp
     if out is not None: write_json(out, metrics)
     return metrics
 
-# %% ../nbs/08_evaluation.ipynb #24471071
+# %% ../nbs/08_evaluation.ipynb #671213f4
 def submit_cirr(model, # a `CIRModel`, a checkpoint folder or an open_clip spec
                 root:str|os.PathLike, # CIRR dataset folder
                 out_dir:str|os.PathLike, # folder for the two JSON files
