@@ -82,6 +82,10 @@ def test_half_precision_bank_scores_in_float32():
     half = bank_loss(q, bank.half(), targets, 0.02, chunk_size=128)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, F.cross_entropy(q @ bank.half().float().T / 0.02, targets), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                      # autocast queries are promoted, scores stay float32
+        mixed = bank_loss(q.bfloat16(), bank, targets, 0.02, chunk_size=128)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, F.cross_entropy(q.bfloat16().float() @ bank.T / 0.02, targets), rtol=1e-5, atol=1e-5)
 
 
 def _saved_sizes(fn):
@@ -252,7 +256,7 @@ def test_image_tower_and_bank_never_change_while_text_side_trains(shapes, tmp_pa
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     tset = training_set(shapes / "data", "cirr", progress=False)
     refs, targets = bank_rows(tset.triplets, bank.rows)
-    stage2._run_epoch(net, bank, tset, refs, targets, "cirr", epoch_order(tset.generated, 1, 0), 1, 0, 8, 0.05, None, 1024,
+    stage2._run_epoch(net, bank, tset, refs, targets, "cirr", epoch_order(tset.generated, 1, 0), 1, 0, 8, 0.05, None, 1024, True,
                       optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), torch.float32, False)
     after = net.state_dict()
     assert _states_equal(before, after, "backbone.visual.")
@@ -341,3 +345,19 @@ def test_missing_training_images(shapes, tmp_path):
     with pytest.warns(UserWarning, match="left out of the bank"):
         images = train_bank_images(splits, split.triplets)
     assert unused not in images and len(images) == len(listed) - 1
+
+
+@pytest.mark.parametrize("neg_num", [None, 9])
+def test_excluded_reference_is_no_negative(neg_num):
+    q, bank = _unit(6, 16, seed=20, dtype=torch.float64), _unit(12, 16, seed=21, dtype=torch.float64)
+    targets, refs = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([6, 7, 2, 8, 9, 10])     # query 2: reference row == target row
+    got = float(bank_loss(q, bank, targets, 0.1, neg_num=neg_num, chunk_size=5, exclude=refs,
+                          generator=torch.Generator().manual_seed(3)))
+    drawn = None if neg_num is None else sample_negatives(targets, 12, neg_num, torch.Generator().manual_seed(3))
+    total = 0.0
+    for i in range(6):
+        rows = [j for j in (range(12) if drawn is None else [int(targets[i])] + drawn[i].tolist())
+                if j == int(targets[i]) or j != int(refs[i])]
+        scores = [float(q[i] @ bank[j]) / 0.1 for j in rows]
+        total += math.log(sum(math.exp(x) for x in scores)) - float(q[i] @ bank[targets[i]]) / 0.1
+    assert abs(got - total / 6) < 1e-6
