@@ -491,6 +491,8 @@ def train_stage1(data:str|os.PathLike, # dataset folder (official layout)
             if world > 1:
                 shared = [history]; dist.broadcast_object_list(shared); history = shared[0]
         best = max(history, key=lambda h: h["score"])
+        del ddp, qt                               # release DDP's hold on the process group, then leave together
+        if world > 1: dist.barrier()
         return {"out": str(out), "best_epoch": best["epoch"], "best_score": best["score"], "start_score": history[0]["score"],
                 "history": history, "triplets": len(tset), "generated": int(tset.generated.sum()), "images_cached": cache,
                 "world_size": world}

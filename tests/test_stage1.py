@@ -59,6 +59,8 @@ loss.backward()
 mean = loss.detach().clone(); dist.all_reduce(mean); mean /= world
 if rank == 0:
     save_file({{"loss": mean, **{{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}}}, out)
+del ddp, loss                 # free DDP and wait for every rank before tearing gloo down (else an occasional abort at exit)
+dist.barrier()
 dist.destroy_process_group()
 """
 
