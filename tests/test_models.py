@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spn4cir.core import SpnError, read_json, write_json
@@ -252,7 +252,7 @@ def test_checkpoint_errors_name_folder_and_problem(tmp_path):
     with pytest.raises(SpnError, match="no model.safetensors"): load_checkpoint(folder)
 
 
-def test_interrupted_save_keeps_old_checkpoint_or_is_detected(tmp_path, monkeypatch):
+def test_interrupted_save_loads_as_the_old_or_the_new_checkpoint(tmp_path, monkeypatch):
     old = _model(seed=0); new = _model(seed=1)
     folder = save_checkpoint(old, tmp_path / "ck")
     (folder / "train_state.pt").write_bytes(b"resume state of some trainer")
@@ -268,9 +268,14 @@ def test_interrupted_save_keeps_old_checkpoint_or_is_detected(tmp_path, monkeypa
     monkeypatch.setattr(models, "write_json", crash)                      # killed between weights and config
     with pytest.raises(KeyboardInterrupt): save_checkpoint(new, folder)
     monkeypatch.undo()
-    with pytest.raises(SpnError, match="come from different saves"): load_checkpoint(folder)
+    with pytest.warns(UserWarning, match="an interrupted save"): _assert_same(_outputs(load_checkpoint(folder)), _outputs(new))
+    (folder / "config.json").unlink()                                     # killed before the first config.json
+    with pytest.warns(UserWarning, match="missing or older"): _assert_same(_outputs(load_checkpoint(folder)), _outputs(new))
     save_checkpoint(new, folder)
     _assert_same(_outputs(load_checkpoint(folder)), _outputs(new))
+    # weights without the config copy (written by hand) beside another save's config: detected, never mixed
+    save_file(load_file(str(folder / "model.safetensors")), str(folder / "model.safetensors"), metadata={"save_id": "other"})
+    with pytest.raises(SpnError, match="come from different saves"): load_checkpoint(folder)
 
 
 def test_load_model_combiner_choice(tmp_path):
