@@ -116,10 +116,10 @@ def _weights(folder):
 def _same_tensors(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-def _check_training_snapshot(snap, history_file):
+def _check_training_snapshot(snap, history_file, state_dir):
     "Whatever a kill left behind is whole: a loadable best checkpoint and resume state, history epochs 0, 1, ... once each."
     if (snap/"config.json").exists(): load_checkpoint(snap)
-    state = find_train_state(snap)
+    state = find_train_state(snap, state_dir)
     if state is not None:
         load_checkpoint(state); saved = read_json(state/"state.json")
         assert [h["epoch"] for h in saved["history"]] == list(range(len(saved["history"])))
@@ -127,11 +127,11 @@ def _check_training_snapshot(snap, history_file):
         epochs = [h["epoch"] for h in read_jsonl(snap/history_file, repair=True)]
         assert epochs == list(range(len(epochs))), (snap, epochs)
 
-def _assert_same_run(killed:Path, clean:Path, history_file:str):
+def _assert_same_run(killed:Path, clean:Path, history_file:str, state_dir:str):
     assert _history(killed/history_file) == _history(clean/history_file)
     assert _same_tensors(_weights(killed), _weights(clean))                                   # best checkpoint
     assert read_json(killed/"config.json")["extra"] == read_json(clean/"config.json")["extra"]
-    a, b = find_train_state(killed), find_train_state(clean)
+    a, b = find_train_state(killed, state_dir), find_train_state(clean, state_dir)
     assert a.name == b.name and _same_tensors(_weights(a), _weights(b))                      # last epoch's model
     assert _same_tensors(load_file(str(a/"optimizer.safetensors")), load_file(str(b/"optimizer.safetensors")))
 
@@ -142,8 +142,8 @@ def test_sigkill_training_then_resume_ends_like_an_uninterrupted_run(world, tmp_
                            "--out", out, "--epochs", 3, "--batch-size", 8, "--lr", 1e-4, "--tau", 0.05, "--device", "cpu",
                            "--seed", 3, "--resume"]
     report = kill_and_rerun(tmp_path, argv(tmp_path/"killed"), argv(tmp_path/"clean"), tmp_path/"killed", seed=stage)
-    history_file = f"stage{stage}_history.jsonl"
-    for snap in report["snapshots"]: _check_training_snapshot(snap, history_file)
+    history_file, state_dir = f"stage{stage}_history.jsonl", f"stage{stage}_state"
+    for snap in report["snapshots"]: _check_training_snapshot(snap, history_file, state_dir)
     assert [h["epoch"] for h in _history(tmp_path/"clean"/history_file)] == [0, 1, 2, 3]
-    _assert_same_run(tmp_path/"killed", tmp_path/"clean", history_file)
+    _assert_same_run(tmp_path/"killed", tmp_path/"clean", history_file, state_dir)
     assert (tmp_path/"killed"/f"stage{stage}_curve.png").stat().st_size > 1000

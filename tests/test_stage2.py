@@ -222,7 +222,7 @@ from spn4cir.models import load_model, save_checkpoint
 from spn4cir.synthetic import write_shapes_cir
 from spn4cir.models import load_checkpoint
 from spn4cir.stage1 import epoch_order, find_train_state, training_set
-from spn4cir.stage2 import (HISTORY_FILE, CURVE_FILE, bank_rows, freeze_image_side, read_extra_negatives, train_bank_images,
+from spn4cir.stage2 import (HISTORY_FILE, CURVE_FILE, STATE_DIR, bank_rows, freeze_image_side, read_extra_negatives, train_bank_images,
                             train_stage2)
 
 FAST = dict(epochs=1, batch_size=8, lr=1e-4, tau=0.05, progress=False)
@@ -274,7 +274,7 @@ def test_run_writes_best_checkpoint_history_curve_and_keeps_image_side(shapes, t
     assert best.extra_config["stage"] == 2 and best.extra_config["stage2"]["epoch"] == run["best_epoch"]
     assert best.extra_config["stage2"]["score"] == run["best_score"]
     start = load_model(shapes / "start").state_dict()
-    last = load_checkpoint(find_train_state(tmp_path / "out")).state_dict()
+    last = load_checkpoint(find_train_state(tmp_path / "out", STATE_DIR)).state_dict()
     assert _states_equal(start, last, "backbone.visual.") and not _states_equal(start, last, "backbone.transformer.")
     with pytest.raises(SpnError, match="pass resume=True"):
         train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", **FAST)
@@ -289,8 +289,8 @@ def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
     resumed = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "parts", epochs=2, resume=True, **settings)
     assert resumed["bank_from_cache"]
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in whole["history"]]
-    a = load_checkpoint(find_train_state(tmp_path / "whole")).state_dict()
-    b = load_checkpoint(find_train_state(tmp_path / "parts")).state_dict()
+    a = load_checkpoint(find_train_state(tmp_path / "whole", STATE_DIR)).state_dict()
+    b = load_checkpoint(find_train_state(tmp_path / "parts", STATE_DIR)).state_dict()
     assert _states_equal(a, b)
     with pytest.raises(SpnError, match="other settings"):
         train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "parts", epochs=3, resume=True,
