@@ -95,8 +95,9 @@ def test_sigkill_positives_then_rerun_gives_the_uninterrupted_file(world, tmp_pa
     def argv(out): return ["positives", "--data", world/"data", "--format", "cirr", "--captions", world/"data"/"oracle_captions.jsonl",
                            "--model", world/"micro", "--window", "0.2:0.5", "--k", 2, "--out", out, "--device", "cpu"]
     out = tmp_path/"killed"/"positives.json"
-    report = kill_and_rerun(tmp_path, argv(out), argv(tmp_path/"clean"/"positives.json"), out.parent, seed=0, window=(0.02, 0.9))
+    report = kill_and_rerun(tmp_path, argv(out), argv(tmp_path/"clean"/"positives.json"), out.parent, seed=0, window=(0.02, 0.5))
     clean = (tmp_path/"clean"/"positives.json").read_bytes()
+    assert report["kills"][0]["killed"] and not (report["snapshots"][0]/"positives.json").exists()   # the first kill came mid-run
     assert len(read_triplets(tmp_path/"clean"/"positives.json", "cirr")) == 2 * len(load_dataset(world/"data", "cirr", "train")["all"].images)
     for snap in report["snapshots"]:                          # between kills: no file, or the whole final one
         assert not (snap/"positives.json").exists() or (snap/"positives.json").read_bytes() == clean, snap

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from spn4cir.caption import read_captions
+from spn4cir.caption import folder_images, read_captions
 from spn4cir.core import SpnError, read_json, read_jsonl, write_json
 from spn4cir.data import load_dataset, read_image_split, read_triplets
 from spn4cir.stage2 import read_extra_negatives
@@ -176,3 +176,11 @@ def test_whole_splits_load_or_raise_spn_error(tmp_path, fmt):
         seen.add(_loads_or_spn_error(lambda: load_dataset(root, fmt, "val")))
     check()
     assert seen == {"loaded", "refused"}
+
+
+def test_caption_folders_take_no_symlink_out_of_the_folder(tmp_path):
+    (tmp_path/"pics").mkdir(); Image.new("RGB", (4, 4)).save(tmp_path/"pics/a.png"); Image.new("RGB", (4, 4)).save(tmp_path/"b.png")
+    assert list(folder_images(tmp_path/"pics")) == ["a"]
+    (tmp_path/"pics/link.png").symlink_to(tmp_path/"b.png")
+    message, opened = _opened_while(lambda: folder_images(tmp_path/"pics"))
+    assert "record link: path 'link.png' resolves outside" in message and opened == []
