@@ -1,0 +1,91 @@
+"The demo pipeline end to end on a tiny Shapes-CIR: five rows, a report, plots, resume and determinism."
+import json
+from pathlib import Path
+
+import pytest
+
+from spn4cir.core import SpnError
+from spn4cir.pipeline import DEMO_ROWS, run_demo
+
+TINY = {"data": {"n_train_triplets": 48, "n_unlabeled": 64, "n_val": 16, "n_test": 16, "n_pretrain": 64, "n_duplicates": 2},
+        "pretrain": {"epochs": 1, "batch_size": 32},
+        "caption": {"batch_size": 32},
+        "positives": {"window": "0.1:0.5"},
+        "stage1": {"epochs": 1, "batch_size": 16},
+        "stage2": {"epochs": 1, "batch_size": 16}}
+CIRR_KEYS = {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "avg"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    lines = []
+    summary = run_demo(out, quick=True, seed=0, overrides=TINY, log=lines.append)
+    return out, summary, lines
+
+
+def test_report_has_the_five_rows(demo):
+    out, summary, _ = demo
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == [name for name, *_ in DEMO_ROWS] == ["zero-shot", "baseline", "+N", "+P", "SPN (+P+N)"]
+    for row, (name, stage1, positives, stage2) in zip(report["rows"], DEMO_ROWS):
+        assert (row["stage1"], row["positives"], row["stage2"]) == (stage1, positives, stage2)
+        assert set(row["metrics"]) == CIRR_KEYS and all(0 <= v <= 100 for v in row["metrics"].values())
+        assert row["seconds"] >= 0
+    assert summary["rows"] == {r["name"]: r["metrics"]["avg"] for r in report["rows"]}
+    assert report["split"] == "test1" and report["positives"]["triplets"] > 0
+    assert set(report["caption_slot_accuracy"]) >= {"colour", "shape", "all"}
+
+
+def test_every_trained_row_has_its_own_checkpoint_and_metrics(demo):
+    out, _, _ = demo
+    for slug in ("baseline", "N", "P", "SPN"):
+        assert (out / "runs" / slug / "model.safetensors").is_file()
+        assert json.loads((out / "runs" / slug / "metrics.json").read_text()).keys() == CIRR_KEYS
+    # +N and SPN are stage 2 runs (they have a bank cache and a stage-2 history), +P trained on generated triplets
+    assert (out / "runs" / "N" / "stage2_history.jsonl").is_file() and (out / "runs" / "SPN" / "stage2_history.jsonl").is_file()
+    assert (out / "runs" / "P" / "stage1_history.jsonl").is_file()
+
+
+def test_report_markdown_and_plots(demo):
+    out, _, lines = demo
+    md = (out / "report.md").read_text()
+    assert "| SPN (+P+N) | yes | yes | yes |" in md and "| zero-shot | no | no | no |" in md
+    report = json.loads((out / "report.json").read_text())
+    assert {"ablation", "training_curves", "embedding_space", "retrieval_gallery", "score_distributions"} <= set(report["plots"])
+    for rel in report["plots"].values():
+        png = out / rel
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"]({rel})" in md
+    assert any("report:" in l for l in lines)
+
+
+def test_second_call_reuses_every_step(demo):
+    out, summary, _ = demo
+    lines = []
+    again = run_demo(out, quick=True, seed=0, overrides=TINY, plots=False, log=lines.append)
+    assert again["rows"] == summary["rows"]
+    steps = [l for l in lines if l.startswith("step ")]
+    assert steps and all(l.endswith("reused") for l in steps), steps
+
+
+def test_a_changed_setting_reruns_only_what_depends_on_it(demo, tmp_path):
+    out, summary, _ = demo
+    import shutil
+    copy = tmp_path / "demo"; shutil.copytree(out, copy)
+    lines = []
+    changed = {**TINY, "stage2": {**TINY["stage2"], "lr": 3e-4}}
+    run_demo(copy, quick=True, seed=0, overrides=changed, plots=False, log=lines.append)
+    reran = sorted(l.split()[1].rstrip(":") for l in lines if l.startswith("step ") and l.endswith("..."))
+    assert reran == ["row-N", "row-SPN"], reran
+
+
+def test_same_seed_same_numbers(demo, tmp_path):
+    _, summary, _ = demo
+    fresh = run_demo(tmp_path / "again", quick=True, seed=0, overrides=TINY, plots=False, log=lambda *_: None)
+    assert fresh["rows"] == summary["rows"]
+
+
+def test_bad_format_is_refused(tmp_path):
+    with pytest.raises(SpnError, match="'cirr' or 'fashioniq'"):
+        run_demo(tmp_path, format="jsonl")
