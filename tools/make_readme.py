@@ -1,4 +1,5 @@
-"""Write README.md from nbs/index.ipynb (markdown cells as they are, code cells fenced with their text output).
+"""Write README.md from nbs/index.ipynb (markdown cells as they are, code cells fenced with their text output;
+`#| echo: false` cells show their outputs only).
 
 nbdev's own `nbdev_readme` renders through Quarto, which cannot be installed from a package
 registry; this keeps README.md a plain function of the index notebook, and CI checks it is in sync.
@@ -16,8 +17,9 @@ def make_readme(nb_path="nbs/index.ipynb", out_path="README.md", img_dir="docs/r
             parts.append(src)
             continue
         if src.startswith("#| hide") or not src: continue
+        echo = not any(l.replace(" ", "") == "#|echo:false" for l in src.splitlines())   # Quarto's flag: outputs only
         src = "\n".join(l for l in src.splitlines() if not l.startswith("#|"))
-        parts.append(f"```python\n{src}\n```")
+        if echo: parts.append(f"```python\n{src}\n```")
         for out in cell.get("outputs", []):
             data = out.get("data", {})
             if "image/png" in data:
