@@ -184,3 +184,24 @@ def test_caption_folders_take_no_symlink_out_of_the_folder(tmp_path):
     (tmp_path/"pics/link.png").symlink_to(tmp_path/"b.png")
     message, opened = _opened_while(lambda: folder_images(tmp_path/"pics"))
     assert "record link: path 'link.png' resolves outside" in message and opened == []
+
+
+def test_captioning_model_with_pickled_objects_is_refused_and_runs_no_code(tmp_path, monkeypatch):
+    "A hub-style model folder whose weights unpickle to more than tensors: SpnError, and the payload never runs."
+    import pickle
+    import huggingface_hub.constants
+    from safetensors.torch import load_file
+    from spn4cir.caption import HFCaptioner, save_tiny_hf_captioner
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1"); monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    folder = save_tiny_hf_captioner(tmp_path/"blip", "blip")
+    state = load_file(str(folder/"model.safetensors")) | {"payload": _RunsCode(tmp_path/"code-ran")}
+    (folder/"model.safetensors").unlink()
+    with open(folder/"pytorch_model.bin", "wb") as f: pickle.dump(state, f)
+    with pytest.raises(SpnError, match="pickled Python objects other than tensors.*could run arbitrary code"): HFCaptioner(str(folder))
+    assert not (tmp_path/"code-ran").exists()
+
+
+class _RunsCode:
+    "Unpickling this creates a folder: the stand-in for arbitrary code."
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (os.makedirs, (self.marker,))
