@@ -55,7 +55,7 @@ def autocast(device:torch.device, dtype:torch.dtype):
     if dtype == torch.float32: return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
-# %% ../nbs/00_core.ipynb #202f64ed
+# %% ../nbs/00_core.ipynb #102b7187
 def _umask() -> int:
     mask = os.umask(0); os.umask(mask); return mask
 
@@ -69,7 +69,7 @@ def atomic_write(path:str|os.PathLike, # the destination file
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, _FILE_MODE)
+        with contextlib.suppress(OSError): os.chmod(tmp, _FILE_MODE)   # some file systems have no modes
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush(); os.fsync(f.fileno())
@@ -84,7 +84,7 @@ def atomic_save(path:str|os.PathLike, # the destination file
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
     try:
-        os.chmod(tmp, _FILE_MODE)
+        with contextlib.suppress(OSError): os.chmod(tmp, _FILE_MODE)   # some file systems have no modes
         save_fn(tmp)
         with open(tmp, "rb") as f: os.fsync(f.fileno())
         os.replace(tmp, path)
