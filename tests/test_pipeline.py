@@ -89,3 +89,14 @@ def test_same_seed_same_numbers(demo, tmp_path):
 def test_bad_format_is_refused(tmp_path):
     with pytest.raises(SpnError, match="'cirr' or 'fashioniq'"):
         run_demo(tmp_path, format="jsonl")
+
+
+def test_fashioniq_layout_runs_the_same_rows(tmp_path):
+    summary = run_demo(tmp_path, quick=True, seed=0, format="fashioniq", overrides=TINY, log=lambda *_: None)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == [name for name, *_ in DEMO_ROWS] and report["split"] == "test"
+    for row in report["rows"]:
+        assert {"average", "Rmean"} <= set(row["metrics"]) and 0 <= row["metrics"]["Rmean"] <= 100
+    assert summary["rows"] == {r["name"]: r["metrics"]["Rmean"] for r in report["rows"]}
+    assert "| SPN (+P+N) | yes | yes | yes |" in (tmp_path / "report.md").read_text()
+    assert all((tmp_path / p).is_file() for p in report["plots"].values())
