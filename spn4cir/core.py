@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #48f91bad
 from __future__ import annotations
-import contextlib, hashlib, json, os, random, tempfile
+import contextlib, dataclasses, hashlib, json, math, os, random, tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SpnError', 'seed_everything', 'pick_device', 'pick_precision', 'autocast', 'atomic_write', 'atomic_save', 'read_json',
-           'write_json', 'read_jsonl', 'append_jsonl', 'write_jsonl', 'resolve_inside', 'stable_hash']
+__all__ = ['SETTINGS_FILE', 'SpnError', 'seed_everything', 'pick_device', 'pick_precision', 'autocast', 'atomic_write',
+           'atomic_save', 'read_json', 'write_json', 'read_jsonl', 'append_jsonl', 'write_jsonl', 'resolve_inside',
+           'stable_hash', 'Config', 'settings_path', 'write_settings', 'read_settings', 'check_number']
 
 # %% ../nbs/00_core.ipynb #95ce2f0e
 class SpnError(ValueError):
@@ -160,3 +161,82 @@ def stable_hash(*parts:Any) -> str: # JSON-serialisable parts (str, numbers, lis
     "A short SHA-256 key of the parts, stable across runs and machines."
     blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+# %% ../nbs/00_core.ipynb #4d07e816
+def _plain(value:Any) -> Any:
+    "A settings value as JSON holds it: paths as strings, tuples as lists."
+    if isinstance(value, os.PathLike): return os.fspath(value)
+    if isinstance(value, (tuple, list)): return [_plain(v) for v in value]
+    if isinstance(value, dict): return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+class Config:
+    "Base of every job's settings dataclass: `check` on creation, JSON settings out and back."
+    job:ClassVar[str] = "job" # the job's name, written into settings.json
+
+    def __post_init__(self): self.check()
+
+    def check(self):
+        "Raise `SpnError` naming the field when a value is out of range (subclasses extend it)."
+
+    def settings(self) -> dict:
+        "The fields as JSON values, in declaration order."
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_settings(cls, settings:dict, # field -> value, e.g. a `settings.json` of an earlier run
+                      source:str|os.PathLike|None=None, # where `settings` came from, for errors
+                      **overrides): # fields to change
+        "A config from a settings mapping plus overrides; unknown or missing fields raise `SpnError`."
+        values = {k: v for k, v in settings.items() if k != "job"} | overrides
+        if settings.get("job", cls.job) != cls.job:
+            raise SpnError(f"holds the settings of a {settings['job']!r} job, not of {cls.job!r}", source)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown: raise SpnError(f"unknown setting(s) {unknown} for {cls.job!r}; known: {sorted(fields)}", source)
+        tuples = {n for n, f in fields.items() if "tuple" in str(f.type)}
+        values = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}
+        try: return cls(**values)
+        except TypeError as e: raise SpnError(f"incomplete settings for {cls.job!r}: {e}", source) from None
+
+# %% ../nbs/00_core.ipynb #8ead767a
+SETTINGS_FILE = "settings.json"
+
+def settings_path(out:str|os.PathLike, # the job's output: a folder, or a file
+                  output_is_file:bool=False # True when `out` is a file
+                 ) -> Path:
+    "Where a job with output `out` keeps its `settings.json`."
+    out = Path(out)
+    return out.with_name(f"{out.stem}.{SETTINGS_FILE}") if output_is_file else out / SETTINGS_FILE
+
+def write_settings(config:Config, # the resolved settings of a job
+                   out:str|os.PathLike, # the job's output folder or file
+                   output_is_file:bool=False # True when `out` is a file
+                  ) -> Path:
+    "Write `{'job': ..., **fields}` atomically where `settings_path` says; returns the path."
+    path = settings_path(out, output_is_file)
+    write_json(path, {"job": config.job, **config.settings()})
+    return path
+
+def read_settings(path:str|os.PathLike, # a settings.json written by `write_settings`
+                  cls:type[Config], # the job's config class
+                  **overrides) -> Config: # fields to change
+    "The config saved at `path`, with `overrides` applied."
+    settings = read_json(path)
+    if not isinstance(settings, dict): raise SpnError("settings must be a JSON object", path)
+    return cls.from_settings(settings, path, **overrides)
+
+# %% ../nbs/00_core.ipynb #05604d7f
+def check_number(config:Config, # the settings
+                 name:str, # the field
+                 low:float|None=None, # the smallest allowed value (None: no bound)
+                 above:bool=False, # True: the value must be strictly above `low`
+                 optional:bool=False): # True: None is allowed
+    "Raise `SpnError` unless `config.<name>` is a finite number within the bound."
+    value = getattr(config, name)
+    if value is None and optional: return
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if not bad and low is not None: bad = value <= low if above else value < low
+    if bad:
+        bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
+        raise SpnError(f"{name} must be a finite number{bound}, got {value!r}")
