@@ -318,7 +318,7 @@ def bench_extraction(quick:bool=False, # tiny ViT at 64 px instead of ViT-B/32 a
     from spn4cir.data import ImageDataset
     from spn4cir.evaluate import encode_images
     from spn4cir.models import load_model
-    from spn4cir.positives import image_fingerprint
+    from spn4cir.images import image_fingerprint
     spec, batch, reps = ("spn-tiny-vit", 32, 3) if quick else ("ViT-B-32", 32, 3)
     n = batch * reps
     paths = list(_write_jpegs(Path(workdir or tempfile.mkdtemp()) / "extraction", n).values())

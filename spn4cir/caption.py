@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import SpnError, append_jsonl, pick_device, pick_precision, read_json, read_jsonl, resolve_inside, stable_hash
+from .core import SpnError, append_jsonl, pick_device, pick_precision, read_json, read_jsonl, stable_hash
 from .data import load_dataset, load_image, split_image_names
+from .images import image_files
 
 # %% auto #0
-__all__ = ['DEFAULT_PROMPT', 'DEFAULT_WORDS', 'IMAGE_SUFFIXES', 'CAPTIONERS', 'default_words', 'format_prompt', 'trim_words',
-           'Captioner', 'read_captions', 'MetadataCaptioner', 'save_tiny_hf_captioner', 'HFCaptioner', 'read_vocab',
+__all__ = ['DEFAULT_PROMPT', 'DEFAULT_WORDS', 'CAPTIONERS', 'default_words', 'format_prompt', 'trim_words', 'Captioner',
+           'read_captions', 'MetadataCaptioner', 'save_tiny_hf_captioner', 'HFCaptioner', 'read_vocab',
            'ClipVocabCaptioner', 'slot_accuracy', 'folder_images', 'dataset_images', 'parse_shard', 'shard_names',
            'caption_images', 'make_captioner', 'caption_dataset']
 
@@ -336,20 +337,15 @@ def slot_accuracy(captions:str|os.PathLike|dict[str, dict], # a clip-vocab capti
     return acc
 
 # %% ../nbs/04_captioning.ipynb #973bd657
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
 def folder_images(folder:str|os.PathLike # a folder of images (searched recursively)
                  ) -> dict[str, Path]:
     "Image name (relative path without extension) -> path, for every image file under `folder`."
     folder = Path(folder)
-    if not folder.is_dir(): raise SpnError("image folder not found", folder)
     images:dict[str, Path] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in image_files(folder):
         name = path.relative_to(folder).with_suffix("").as_posix()
-        resolve_inside(folder, path.relative_to(folder).as_posix(), folder, name)    # a symlink may not lead out of the folder
         if name in images: raise SpnError(f"two images are both named {name!r}: {images[name].name} and {path.name}", folder)
         images[name] = path
-    if not images: raise SpnError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under the folder", folder)
     return images
 
 def dataset_images(root:str|os.PathLike, # dataset root

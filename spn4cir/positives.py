@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_positives.ipynb #ee7083a8
 from __future__ import annotations
-import difflib, hashlib, math, os, re, time
+import difflib, math, os, re, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -12,21 +12,20 @@ from typing import Callable, Sequence
 import numpy as np
 import open_clip
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .core import SpnError, atomic_save, autocast, pick_device, pick_precision, read_json, stable_hash, write_json
-from .data import FORMATS, ImageDataset, Triplet, image_groups, load_dataset, write_triplets
+from .core import SpnError, autocast, pick_device, pick_precision, read_json, stable_hash, write_json
+from .data import FORMATS, ImageDataset, Triplet, load_dataset, write_triplets
+from .images import duplicate_groups, file_stamps, image_fingerprint, read_cached_features, save_cached_features
 from .caption import read_captions
 from .evaluate import target_ranks
 from .models import load_model
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'FORMAT_TEMPLATES', 'SAMPLERS', 'Window', 'parse_window', 'excluded_rows', 'sample_exact',
-           'sample_approx', 'sample_uniform', 'sampled_ranks', 'rank_accuracy', 'image_fingerprint', 'embed_images',
-           'duplicate_groups', 'parse_templates', 'token_counter', 'clean_caption', 'caption_difference',
-           'compose_texts', 'positive_triplets', 'generate_positives']
+           'sample_approx', 'sample_uniform', 'sampled_ranks', 'rank_accuracy', 'embed_images', 'parse_templates',
+           'token_counter', 'clean_caption', 'caption_difference', 'compose_texts', 'positive_triplets',
+           'generate_positives']
 
 # %% ../nbs/05_positives.ipynb #5a9e9748
 _RANK = re.compile(r"\d+")
@@ -401,39 +400,6 @@ def rank_accuracy(features, # (N, D) image embeddings
             "share_inside": float(inside.mean()) if inside.size else 1.0, "ranks": ranks}
 
 # %% ../nbs/05_positives.ipynb #f654713c
-def image_fingerprint(model, # a `CIRModel` (or any module with `.backbone.visual` or `.visual`)
-                      kind:str="targetpad" # the image transform used with it
-                     ) -> str:
-    "A key of everything that decides a model's image embeddings: image-tower weights and preprocessing."
-    tower = getattr(getattr(model, "backbone", model), "visual", model)
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(tower.state_dict().items()):
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-    return stable_hash("image-tower", getattr(model, "backbone_name", type(model).__name__),
-                       getattr(model, "preprocess_cfg", None), kind, digest.hexdigest())
-
-def _file_stamps(images:dict[str, Path]) -> list:
-    stamps = []
-    for name, path in images.items():
-        try: st = os.stat(path)
-        except OSError: raise SpnError(f"image {name!r} not found", file=path) from None
-        stamps.append([name, str(path), st.st_size, st.st_mtime_ns])
-    return stamps
-
-def _read_cached(path:Path, key:str, expected:int|None=None) -> torch.Tensor|None:
-    "The features of a cache file written under `key`, or None when absent or stale."
-    if not path.is_file(): return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key: return None
-            features = f.get_tensor("features")
-    except (SafetensorError, OSError): return None
-    return features if expected is None or len(features) == expected else None
-
-def _save_features(path:Path, features:torch.Tensor, key:str):
-    atomic_save(path, lambda tmp: save_file({"features": features.contiguous()}, tmp, metadata={"key": key}))
-
 def embed_images(model, # a `CIRModel` (its `image_transform` and `encode_images` are used)
                  images:dict[str, str|os.PathLike], # unique image name -> file
                  cache_dir:str|os.PathLike|None=None, # where to keep (and find) the embeddings; None: no cache
@@ -449,16 +415,16 @@ def embed_images(model, # a `CIRModel` (its `image_transform` and `encode_images
     names = list(images)
     if not names: raise SpnError("no images to embed")
     paths = {n: Path(images[n]) for n in names}
-    key = stable_hash("spn4cir.positives.embed_images/1", image_fingerprint(model, kind), _file_stamps(paths))
+    key = stable_hash("spn4cir.positives.embed_images/1", image_fingerprint(model, kind), file_stamps(paths))
     final = partial = None
     if cache_dir is not None:
         cache_dir = Path(cache_dir); final, partial = cache_dir/f"images-{key}.safetensors", cache_dir/f"images-{key}.partial.safetensors"
         meta = cache_dir/f"images-{key}.json"
-        cached = _read_cached(final, key, len(names)) if meta.is_file() else None
+        cached = read_cached_features(final, key, len(names)) if meta.is_file() else None
         if cached is not None and read_json(meta).get("names") == names: return names, cached
     device = next(model.parameters()).device if device is None else pick_device(device)
     dtype = pick_precision(device, precision)
-    done = _read_cached(partial, key) if partial is not None else None
+    done = read_cached_features(partial, key) if partial is not None else None
     parts = [] if done is None else [done]
     start = 0 if done is None else len(done)
     dataset = ImageDataset([paths[n] for n in names[start:]], model.image_transform(kind), names[start:])
@@ -473,32 +439,15 @@ def embed_images(model, # a `CIRModel` (its `image_transform` and `encode_images
                 parts.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
                 bar.update(len(pixels)); since_save += len(pixels)
                 if partial is not None and since_save >= save_every:
-                    _save_features(partial, torch.cat(parts), key); since_save = 0
+                    save_cached_features(partial, torch.cat(parts), key); since_save = 0
     finally: model.train(was_training)
     features = torch.cat(parts)
     if cache_dir is not None:
-        _save_features(final, features, key)
+        save_cached_features(final, features, key)
         write_json(meta, {"key": key, "names": names, "count": len(names), "dim": features.shape[1], "kind": kind,
                           "model": getattr(model, "provenance", {}), "backbone": getattr(model, "backbone_name", None)})
         partial.unlink(missing_ok=True)
     return names, features
-
-# %% ../nbs/05_positives.ipynb #63d45a8a
-def duplicate_groups(images:dict[str, str|os.PathLike], # unique image name -> file
-                     cache_dir:str|os.PathLike|None=None, # where to keep (and find) the groups; None: no cache
-                     workers:int|None=None, # decoding threads
-                     progress:bool=True # show a progress bar
-                    ) -> np.ndarray:
-    "`spn4cir.data.image_groups` of the images, cached in `cache_dir` under a key of their names, paths, sizes and times."
-    paths = {n: Path(p) for n, p in images.items()}
-    key = stable_hash("spn4cir.positives.duplicate_groups/1", _file_stamps(paths))
-    file = None if cache_dir is None else Path(cache_dir)/f"groups-{key}.json"
-    if file is not None and file.is_file():
-        cached = read_json(file)
-        if cached.get("key") == key and len(cached.get("groups", [])) == len(paths): return np.asarray(cached["groups"], dtype=np.int64)
-    groups = image_groups(list(paths.values()), workers=workers, progress=progress)
-    if file is not None: write_json(file, {"key": key, "groups": groups.tolist()}, indent=None)
-    return groups
 
 # %% ../nbs/05_positives.ipynb #e33cd34e
 TEMPLATES = {"t0": "{1} instead of {0}", "t1": "Unlike {0}, I want {1}", "t2": "{1}", "t3": "{3} instead of {2}"}

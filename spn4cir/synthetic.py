@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .core import SpnError, read_json, write_json, write_jsonl
-from .data import Split, Triplet, load_dataset, read_image_split, summarize_split, write_split
+from .data import Split, Triplet, load_dataset, read_image_split, write_split
+from .images import summarize_split
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'CATEGORIES', 'POSITIONS', 'EDIT_KINDS', 'SLOT_TEMPLATE', 'FAMILY_SIZE',

@@ -11,7 +11,8 @@ from PIL import Image
 from spn4cir.core import SpnError, write_json
 from spn4cir.data import (Triplet, Split, load_dataset, read_triplets, read_image_split, write_triplets, write_split,
                           check_listed, fashioniq_eval_text, fashioniq_train_text, load_image, target_pad, image_transform,
-                          image_groups, drop_unloadable, split_image_names, ImageDataset, summarize_split, CLIP_MEAN, CLIP_STD)
+                          split_image_names, ImageDataset, CLIP_MEAN, CLIP_STD)
+from spn4cir.images import drop_unloadable, summarize_split
 
 # Numbers published with the datasets (and in shared/data/README.md).
 FASHIONIQ_VAL_QUERIES = {"dress": 2017, "shirt": 2038, "toptee": 1961}
@@ -352,22 +353,6 @@ def test_target_pad_and_transforms():
     assert torch.allclose(y, ((1 - mean) / std)[:, :, None].expand(3, 32, 32), atol=1e-4)
     z = image_transform(16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(Image.new("L", (16, 16), 255))
     assert torch.allclose(z, torch.ones(3, 16, 16))
-
-def test_image_groups_against_pixel_comparison(tmp_path):
-    rng = np.random.default_rng(0)
-    bases = [rng.integers(0, 256, (4, 5, 3), dtype=np.uint8) for _ in range(4)] + [np.zeros((5, 4, 3), np.uint8), np.zeros((4, 5, 3), np.uint8)]
-    choice = rng.integers(0, len(bases), 25)
-    paths = []
-    for i, b in enumerate(choice):
-        p = tmp_path/f"{i}.{['png', 'bmp', 'tif'][i % 3]}"; Image.fromarray(bases[b]).save(p); paths.append(p)
-    groups = image_groups(paths, workers=2, progress=False)
-    pixels = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    for i in range(len(paths)):
-        for j in range(len(paths)):
-            same = pixels[i].shape == pixels[j].shape and (pixels[i] == pixels[j]).all()
-            assert (groups[i] == groups[j]) == same
-    first_seen = list(dict.fromkeys(groups.tolist()))
-    assert first_seen == list(range(len(first_seen))) == sorted(set(groups.tolist()))   # dense, first-seen order
 
 def test_dataset_loader_drop_and_summary(tmp_path):
     root = tmp_path/"ds"; (root/"images").mkdir(parents=True)
