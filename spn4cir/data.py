@@ -402,15 +402,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRANSFORM_KINDS = ("targetpad", "resize")
 
 def target_pad(image:Image.Image, # the image to pad
-               ratio:float=1.25 # pad only when longer/shorter side reaches this ratio
+               ratio:float=1.25 # pad when longer/shorter side reaches this ratio, to this ratio
               ) -> Image.Image:
-    "Pad an elongated image with black to a centred square; return others unchanged."
+    "CLIP4Cir's TargetPad: pad the short side with black until long/short is `ratio`; images below it unchanged."
     w, h = image.size
     if max(w, h) / min(w, h) < ratio: return image
-    side = max(w, h)
-    square = Image.new(image.mode, (side, side))
-    square.paste(image, ((side - w) // 2, (side - h) // 2))
-    return square
+    scaled = max(w, h) / ratio
+    hp, vp = max(int((scaled - w) / 2), 0), max(int((scaled - h) / 2), 0)
+    padded = Image.new(image.mode, (w + 2 * hp, h + 2 * vp))
+    padded.paste(image, (hp, vp))
+    return padded
 
 @dataclass
 class ImageTransform:

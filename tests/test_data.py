@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
@@ -338,12 +339,44 @@ def test_modes_become_rgb(tmp_path):
         rgb = load_image(tmp_path/name)
         assert rgb.mode == "RGB" and rgb.size == (3, 3) and rgb.getpixel((1, 1)) == expected, (name, Image.open(tmp_path/name).mode, rgb.getpixel((1, 1)))
 
+def _reference_target_pad(image, target_ratio):
+    "CLIP4Cir's TargetPad (src/data_utils.py, reused by SPN4CIR), transcribed: pad to the ratio with torchvision's pad."
+    w, h = image.size
+    actual_ratio = max(w, h) / min(w, h)
+    if actual_ratio < target_ratio: return image
+    scaled_max_wh = max(w, h) / target_ratio
+    hp = max(int((scaled_max_wh - w) / 2), 0)
+    vp = max(int((scaled_max_wh - h) / 2), 0)
+    return TF.pad(image, [hp, vp, hp, vp], 0, "constant")
+
+def _reference_transform(image, ratio, dim):
+    "CLIP4Cir's targetpad_transform: TargetPad, bicubic resize of the short side, centre crop, to_tensor, CLIP normalise."
+    padded = _reference_target_pad(image, ratio)
+    cropped = TF.center_crop(TF.resize(padded, dim, interpolation=TF.InterpolationMode.BICUBIC), dim)
+    return TF.normalize(TF.to_tensor(cropped.convert("RGB")), CLIP_MEAN, CLIP_STD)
+
+@pytest.mark.parametrize("size, ratio, expected", [
+    ((200, 300), 1.25, (240, 300)),    # the example: portrait, padded sideways to 1.25
+    ((300, 200), 1.25, (300, 240)),    # landscape
+    ((160, 64), 1.25, (160, 128)),     # very wide
+    ((201, 300), 1.25, (239, 300)),    # odd difference: int() truncates each side
+    ((37, 1000), 1.25, (799, 1000)),   # extreme portrait
+    ((124, 100), 1.25, (124, 100)),    # ratio 1.24, below the target: unchanged
+    ((100, 125), 1.25, (100, 125)),    # exactly the ratio: the padding branch, nothing to add
+    ((90, 300), 2.0, (150, 300)),      # another target ratio
+    ((64, 64), 1.25, (64, 64)),        # square
+])
+def test_target_pad_matches_the_reference(size, ratio, expected):
+    image = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ours, ref = target_pad(image, ratio), _reference_target_pad(image, ratio)
+    assert ours.size == ref.size == expected
+    assert (np.asarray(ours) == np.asarray(ref)).all()
+    assert torch.allclose(image_transform(32, ratio=ratio)(image), _reference_transform(image, ratio, 32), atol=1e-5)
+
 def test_target_pad_and_transforms():
     wide = Image.new("RGB", (200, 100), (255, 255, 255))
     padded = target_pad(wide)
-    assert padded.size == (200, 200) and padded.getpixel((100, 10)) == (0, 0, 0) and padded.getpixel((100, 100)) == (255, 255, 255)
-    assert target_pad(Image.new("RGB", (124, 100))).size == (124, 100)   # ratio 1.24 < 1.25: unchanged
-    assert target_pad(Image.new("RGB", (100, 125))).size == (125, 125)   # ratio 1.25: padded, as CLIP4Cir
+    assert padded.size == (200, 160) and padded.getpixel((100, 10)) == (0, 0, 0) and padded.getpixel((100, 100)) == (255, 255, 255)
     assert target_pad(wide, ratio=3).size == (200, 100)
     mean, std = torch.tensor(CLIP_MEAN)[:, None], torch.tensor(CLIP_STD)[:, None]
     x = image_transform(32)(wide)   # padded: black bands top and bottom survive the crop
