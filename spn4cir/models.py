@@ -161,11 +161,35 @@ def load_state_strict(module:nn.Module, # the module to fill
     module.load_state_dict(state, strict=True)
 
 # %% ../nbs/03_models.ipynb #7dd6958a
+_OPENAI_ENTRIES = ("input_resolution", "context_length", "vocab_size")   # kept only in OpenAI's own CLIP files
+
 def _unwrap_state(obj:dict, path) -> dict[str, torch.Tensor]:
     "The CLIP state dict inside a weights file (plain, `state_dict`-wrapped, or CLIP4Cir's `CLIP` entry)."
     for key in ("state_dict", "CLIP"):
         if isinstance(obj.get(key), dict): return obj[key]
     return obj
+
+def _weights_origin(obj:dict, state:dict) -> str|None:
+    "'clip4cir' or 'openai' when a weights file shows it holds OpenAI-trained CLIP weights, else None (unknown)."
+    if isinstance(obj.get("CLIP"), dict): return "clip4cir"
+    return "openai" if any(k in state for k in _OPENAI_ENTRIES) else None
+
+def _check_activation(name:str, model_cfg:dict, origin:str|None, path) -> dict:
+    "The config with QuickGELU when the weights are OpenAI-trained; `SpnError` when only QuickGELU weights exist and the origin is unknown."
+    if model_cfg.get("quick_gelu"): return model_cfg
+    if origin is not None: return {**model_cfg, "quick_gelu": True}
+    tags = [] if name.startswith(_SCHEMAS) else open_clip.list_pretrained_tags_by_model(name)
+    if tags and all(open_clip.get_pretrained_cfg(name, t).get("quick_gelu") for t in tags):
+        raise SpnError(f"every published {name} checkpoint ({', '.join(tags)}) was trained with QuickGELU, but {name!r} "
+                       f"builds GELU and the file does not say where its weights come from; load it as "
+                       f"'{name}-quickgelu:{path}' (GELU-trained weights load from a spn4cir checkpoint folder)", file=path)
+    return model_cfg
+
+def _read_file_weights(name:str, model_cfg:dict, pretrained:str, loaded:dict|None) -> tuple[dict, dict, str]:
+    "Config (activation chosen from the weights' origin), state dict and source of a local weights file."
+    obj = read_weights(pretrained) if loaded is None else loaded
+    state = _unwrap_state(obj, pretrained)
+    return _check_activation(name, model_cfg, _weights_origin(obj, state), pretrained), state, str(Path(pretrained).resolve())
 
 def create_backbone(spec:str, # `NAME[:PRETRAINED]` (PRETRAINED: an open_clip tag or a local weights file)
                     loaded:dict|None=None # the weights file's content, when the caller has read it already
@@ -179,8 +203,7 @@ def create_backbone(spec:str, # `NAME[:PRETRAINED]` (PRETRAINED: an open_clip ta
         preprocess_cfg = open_clip.get_model_preprocess_cfg(net)
         state, source = net.state_dict(), name
     elif pretrained and Path(pretrained).is_file():
-        obj = read_weights(pretrained) if loaded is None else loaded
-        state, source = _unwrap_state(obj, pretrained), str(Path(pretrained).resolve())
+        model_cfg, state, source = _read_file_weights(name, model_cfg, pretrained, loaded)
     elif pretrained:
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if not tag_cfg:
@@ -436,15 +459,14 @@ def combiner_from_clip4cir(state:dict[str, torch.Tensor], # a CLIP4Cir `Combiner
 def _from_clip4cir(obj:dict, path, model_name:str, combiner_state:dict|None, combiner_source) -> CIRModel:
     if not isinstance(obj.get("CLIP"), dict):
         raise SpnError(f"no 'CLIP' state dict in the file (top-level keys: {sorted(obj)[:8]})", file=path)
-    backbone, info = create_backbone(model_name)
-    load_state_strict(backbone, _adapt_clip_state(backbone, obj["CLIP"]), path)
+    backbone, info = create_backbone(f"{model_name}:{path}", loaded=obj)   # OpenAI-trained: QuickGELU
     combiner = SumCombiner() if combiner_state is None else combiner_from_clip4cir(combiner_state, combiner_source)
     info["provenance"] = {"spec": model_name, "weights": str(Path(path).resolve()), "format": "clip4cir",
                           "combiner": "sum" if combiner_state is None else str(Path(combiner_source).resolve())}
     return CIRModel(backbone, info, combiner)
 
 def import_clip4cir(path:str|os.PathLike, # a torch file with a `CLIP` entry (and maybe a `Combiner` entry)
-                    model_name:str, # the matching open_clip model, e.g. 'RN50x4-quickgelu'
+                    model_name:str, # the matching open_clip model, e.g. 'RN50x4' (built with QuickGELU)
                     combiner_path:str|os.PathLike|None=None # a separate file with a `Combiner` entry
                    ) -> CIRModel:
     "A CIR model from CLIP4Cir-style training files (OpenAI-layout `CLIP` entry, optional `Combiner`)."

@@ -293,9 +293,9 @@ def test_load_model_combiner_choice(tmp_path):
 # --- CLIP4Cir import ------------------------------------------------------------------------------
 
 def _clip4cir_files(tmp_path, name="spn-tiny-vit", half=False):
-    "A CLIP4Cir-style stage-1 file (`CLIP` in OpenAI layout) and combiner file, from a fresh open_clip model."
+    "A CLIP4Cir-style stage-1 file (`CLIP` in OpenAI layout) and combiner file, from a fresh QuickGELU model (as OpenAI's)."
     torch.manual_seed(7)
-    net, _ = create_backbone(name)
+    net = models.build_backbone({**backbone_config(name), "quick_gelu": True})
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in net.state_dict().items()}
     torch.save({"epoch": 4, "CLIP": state}, tmp_path / "tuned_clip_best.pt")
     layers = {"text_projection_layer": nn.Linear(128, 40), "image_projection_layer": nn.Linear(128, 40),
@@ -367,6 +367,36 @@ def test_clip4cir_mismatches_are_listed(tmp_path):
     torch.save(comb, tmp_path / "bad_combiner.pt")
     with pytest.raises(SpnError, match=r"mis-shaped .*out.weight \(128, 57\) vs \(128, 56\)"):
         import_clip4cir(tmp_path / "tuned_clip_best.pt", "spn-tiny-vit", combiner_path=tmp_path / "bad_combiner.pt")
+
+
+def _uses_quick_gelu(module): return any(isinstance(m, open_clip.transformer.QuickGELU) for m in module.modules())
+
+def test_openai_trained_weights_get_quickgelu(tmp_path):
+    "CLIP4Cir files and OpenAI's own state dicts are OpenAI-trained: the backbone is built with QuickGELU, whatever the name."
+    net, _ = _clip4cir_files(tmp_path)
+    gelu = models.build_backbone(backbone_config("spn-tiny-vit")).eval(); gelu.load_state_dict(net.state_dict())
+    images = _images()
+    for model in (load_model(f"spn-tiny-vit:{tmp_path / 'tuned_clip_best.pt'}"), import_clip4cir(tmp_path / "tuned_clip_best.pt", "spn-tiny-vit")):
+        assert model.backbone_cfg["quick_gelu"] and _uses_quick_gelu(model.backbone)
+        with torch.no_grad():
+            assert torch.equal(model.eval().image_features(images), net.encode_image(images))
+            assert not torch.allclose(gelu.encode_image(images), net.encode_image(images), atol=1e-4)   # the activation matters
+        again = load_checkpoint(save_checkpoint(model, tmp_path / "saved"))
+        assert again.backbone_cfg["quick_gelu"] and _uses_quick_gelu(again.backbone)
+    openai_own = {**net.state_dict(), "input_resolution": torch.tensor(64), "context_length": torch.tensor(32), "vocab_size": torch.tensor(49408)}
+    torch.save(openai_own, tmp_path / "openai_own.pt")
+    net2, info = create_backbone(f"spn-tiny-vit:{tmp_path / 'openai_own.pt'}")
+    assert info["model_cfg"]["quick_gelu"] and _uses_quick_gelu(net2)
+    torch.save(gelu.state_dict(), tmp_path / "plain.pt")                     # origin unknown: the name's activation
+    net3, info3 = create_backbone(f"spn-tiny-vit:{tmp_path / 'plain.pt'}")
+    assert not info3["model_cfg"].get("quick_gelu") and not _uses_quick_gelu(net3)
+
+
+def test_unknown_origin_of_a_quickgelu_only_model_is_refused(tmp_path):
+    "RN50x4 exists only as OpenAI (QuickGELU) weights: a plain file for the GELU name is refused, naming the name to use."
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "rn50x4.pt")
+    with pytest.raises(SpnError, match=r"rn50x4\.pt: every published RN50x4 checkpoint \(openai\) was trained with QuickGELU.*load it as 'RN50x4-quickgelu:"):
+        create_backbone(f"RN50x4:{tmp_path / 'rn50x4.pt'}")
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
