@@ -125,7 +125,8 @@ def bench_stage2_step(quick:bool=False, # tiny model and banks of 10k and 100k r
                      ) -> dict:
     "Stage-2 step (text tower + whole-bank loss) against the text-tower step alone, per bank size."
     from spn4cir.models import load_model
-    from spn4cir.stage2 import bank_loss, bank_queries, freeze_image_side
+    from spn4cir.bank import bank_loss
+    from spn4cir.stage2 import bank_queries, freeze_image_side
     spec, batch, reps, bank_reps = ("spn-tiny-rn", 8, 3, 1) if quick else ("RN50x4", 8, 3, 2)
     sizes = {"10k": 10_000, "100k": 100_000} if quick else {"10k": 10_000, "100k": 100_000, "1M": 1_000_000}
     torch.manual_seed(0)

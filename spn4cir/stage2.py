@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .core import (SpnError, append_jsonl, atomic_save, autocast, pick_device, pick_precision, read_json, resolve_inside,
                           seed_everything, stable_hash, write_jsonl)
 from .data import ImageDataset, Split, Triplet, load_dataset, split_image_names
+from .bank import bank_loss, chunk_scores
 from .evaluate import SplitFeatures, headline_score, metrics_of, query_text
 from .models import load_checkpoint, load_model, save_checkpoint, set_trainable
 from .stage1 import (STATE_FILE, TrainingSet, _text_rng, _train_mode, epoch_order,
@@ -24,109 +25,9 @@ from .stage1 import (STATE_FILE, TrainingSet, _text_rng, _train_mode, epoch_orde
 from .positives import _file_stamps, duplicate_groups, image_fingerprint
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'EXTRA_PREFIX', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'bank_logsumexp', 'sample_negatives',
-           'bank_loss', 'bank_cache_key', 'ImageBank', 'build_banks', 'read_extra_negatives', 'train_bank_images',
-           'freeze_image_side', 'bank_queries', 'score_gaps', 'bank_rows', 'train_stage2']
-
-# %% ../nbs/07_stage2.ipynb #f57f0907
-def _chunk_logits(queries:torch.Tensor, bank:torch.Tensor, start:int, chunk_size:int, scale:float,
-                  exclude:torch.Tensor|None=None) -> torch.Tensor:
-    "Scores `(B, C)` of the queries against bank rows `start:start+chunk_size`, in the queries' dtype; `exclude[i]` at -inf."
-    logits = queries @ bank[start:start + chunk_size].to(queries.dtype).T * scale
-    if exclude is not None:
-        inside = (exclude >= start) & (exclude < start + logits.shape[1])
-        logits[inside, exclude[inside] - start] = -math.inf
-    return logits
-
-def _at_least_float32(x:torch.Tensor) -> torch.Tensor:
-    "Half-precision queries (from autocast) promoted to float32; float32 and float64 kept."
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-class _BankLogSumExp(torch.autograd.Function):
-    "logsumexp over the bank of `queries @ bank.T * scale`, chunked in both passes; no gradient for the bank."
-    @staticmethod
-    def forward(ctx, queries, bank, exclude, scale, chunk_size):
-        run_max = torch.full(queries.shape[:1], -math.inf, dtype=queries.dtype, device=queries.device)
-        run_sum = torch.zeros_like(run_max)
-        for start in range(0, bank.shape[0], chunk_size):
-            logits = _chunk_logits(queries, bank, start, chunk_size, scale, exclude)    # (B, C)
-            new_max = torch.maximum(run_max, logits.amax(dim=1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
-            run_max = new_max
-        lse = run_max + torch.log(run_sum)                                               # (B,)
-        ctx.save_for_backward(queries, bank, lse, exclude)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad_lse):
-        queries, bank, lse, exclude = ctx.saved_tensors
-        grad = torch.zeros_like(queries)
-        with torch.autocast(queries.device.type, enabled=False):
-            for start in range(0, bank.shape[0], ctx.chunk_size):
-                probs = torch.exp(_chunk_logits(queries, bank, start, ctx.chunk_size, ctx.scale, exclude) - lse[:, None])  # softmax chunk
-                grad.addmm_(probs, bank[start:start + ctx.chunk_size].to(queries.dtype))
-        return grad * (ctx.scale * grad_lse[:, None]), None, None, None, None
-
-def _check_scoring(queries:torch.Tensor, bank:torch.Tensor, tau:float):
-    if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
-        raise SpnError(f"queries {tuple(queries.shape)} and bank {tuple(bank.shape)} must be (B, D) and (M, D)")
-    if bank.shape[0] == 0: raise SpnError("the bank is empty")
-    if not tau > 0: raise SpnError(f"tau must be positive, got {tau}")
-
-def bank_logsumexp(queries:torch.Tensor, # (B, D) unit query rows (they carry the gradient)
-                   bank:torch.Tensor, # (M, D) unit bank rows, any float dtype, on the queries' device; never gets a gradient
-                   tau:float, # temperature: scores are `q · b / tau`
-                   chunk_size:int=16384, # bank rows scored at once: memory is O(B x chunk_size)
-                   exclude:torch.Tensor|None=None # (B,) one bank row per query left out of its sum, or None
-                  ) -> torch.Tensor:
-    "`logsumexp_j(q · b_j / tau)` per query `(B,)`, computed over bank chunks in constant memory."
-    _check_scoring(queries, bank, tau)
-    if chunk_size < 1: raise SpnError(f"chunk_size must be >= 1, got {chunk_size}")
-    with torch.autocast(queries.device.type, enabled=False):
-        exclude = None if exclude is None else exclude.to(queries.device)
-        return _BankLogSumExp.apply(_at_least_float32(queries), bank.detach(), exclude, 1.0 / tau, int(chunk_size))
-
-# %% ../nbs/07_stage2.ipynb #81644461
-def sample_negatives(targets:torch.Tensor, # (B,) positive bank rows
-                     bank_size:int, # M, the number of bank rows
-                     neg_num:int, # N, negatives per query
-                     generator:torch.Generator|None=None # random source (on the targets' device)
-                    ) -> torch.Tensor:
-    "`(B, N)` random bank rows per query, uniform over every row except the query's positive."
-    if bank_size < 2: raise SpnError(f"sampling negatives needs a bank of at least 2 rows, got {bank_size}")
-    if neg_num < 1: raise SpnError(f"neg_num must be >= 1, got {neg_num}")
-    rows = torch.randint(0, bank_size - 1, (targets.shape[0], neg_num), generator=generator, device=targets.device)
-    return rows + (rows >= targets[:, None]).long()
-
-# %% ../nbs/07_stage2.ipynb #41b65f6b
-def bank_loss(queries:torch.Tensor, # (B, D) unit queries
-              target_bank:torch.Tensor, # (M, D) unit target features (frozen)
-              targets:torch.Tensor, # (B,) the positive row of each query
-              tau:float, # temperature
-              neg_num:int|None=None, # None: every bank row is a negative; N: N random rows per query
-              chunk_size:int=16384, # bank rows scored at once (whole-bank loss)
-              generator:torch.Generator|None=None, # random source for sampled negatives
-              exclude:torch.Tensor|None=None # (B,) a row per query that is no negative (e.g. its reference), or None
-             ) -> torch.Tensor:
-    "Mean InfoNCE loss of the queries against the bank (whole or sampled), the positive at `targets`."
-    _check_scoring(queries, target_bank, tau)
-    with torch.autocast(queries.device.type, enabled=False):
-        exclude = None if exclude is None else exclude.to(queries.device)
-        return _bank_loss(_at_least_float32(queries), target_bank, targets.to(queries.device), tau, neg_num, chunk_size, generator, exclude)
-
-def _bank_loss(queries, target_bank, targets, tau, neg_num, chunk_size, generator, exclude):
-    if targets.shape != queries.shape[:1]: raise SpnError(f"targets {tuple(targets.shape)} do not match queries {tuple(queries.shape)}")
-    if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= target_bank.shape[0]):
-        raise SpnError(f"target rows must lie in 0..{target_bank.shape[0] - 1}")
-    if exclude is not None: exclude = torch.where(exclude == targets, -1, exclude)                 # never exclude the positive
-    positive = (queries * target_bank[targets].to(queries.dtype)).sum(dim=1) / tau                    # (B,)
-    if neg_num is None: return (bank_logsumexp(queries, target_bank, tau, chunk_size, exclude) - positive).mean()
-    rows = sample_negatives(targets, target_bank.shape[0], neg_num, generator)                         # (B, N)
-    negative = torch.einsum("bd,bnd->bn", queries, target_bank[rows].to(queries.dtype)) / tau         # (B, N)
-    if exclude is not None: negative = negative.masked_fill(rows == exclude[:, None], -math.inf)
-    logits = torch.cat([positive[:, None], negative], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+__all__ = ['IMAGE_SUFFIXES', 'EXTRA_PREFIX', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'bank_cache_key', 'ImageBank',
+           'build_banks', 'read_extra_negatives', 'train_bank_images', 'freeze_image_side', 'bank_queries',
+           'score_gaps', 'bank_rows', 'train_stage2']
 
 # %% ../nbs/07_stage2.ipynb #87bfb7b4
 def bank_cache_key(model:torch.nn.Module, # the `CIRModel` whose image tower encodes the bank
@@ -283,7 +184,7 @@ def score_gaps(queries:torch.Tensor, # (B, D) unit queries
     queries, targets = queries.float(), targets.to(queries.device)
     best = torch.full((queries.shape[0], k), -math.inf, device=queries.device)
     for start in range(0, bank.shape[0], chunk_size):
-        scores = _chunk_logits(queries, bank, start, chunk_size, 1.0)
+        scores = chunk_scores(queries, bank, start, chunk_size)
         for rows in (targets, exclude):                                             # the positive is no negative
             if rows is None: continue
             rows = rows.to(queries.device)

@@ -1,5 +1,5 @@
-"Stage 2: the bank loss against an independent oracle, chunking, sampling, bank caching and freezing."
-import math, warnings
+"Stage 2: bank caching, freezing and the training run (the bank loss itself: tests/test_bank.py)."
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,142 +11,8 @@ from PIL import Image
 from spn4cir.core import SpnError
 from spn4cir.models import CIRModel, create_backbone
 import spn4cir.stage2 as stage2
-from spn4cir.stage2 import bank_logsumexp, bank_loss, build_banks, sample_negatives
+from spn4cir.stage2 import build_banks
 
-
-def _unit(*shape, seed=0, dtype=torch.float32):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=-1)
-
-
-def _oracle_loss(queries, bank, targets, tau, negatives=None):
-    "Cross-entropy written out per query in float64 Python: -log(exp(s_pos) / sum_j exp(s_j))."
-    total = 0.0
-    for i in range(len(queries)):
-        q = queries[i].double()
-        rows = range(len(bank)) if negatives is None else [int(targets[i])] + [int(j) for j in negatives[i]]
-        scores = [float(q @ bank[j].double()) / tau for j in rows]
-        top = max(scores)
-        log_norm = top + math.log(sum(math.exp(s - top) for s in scores))
-        total += log_norm - float(q @ bank[int(targets[i])].double()) / tau
-    return total / len(queries)
-
-
-@pytest.mark.parametrize("tau", [0.02, 0.1])
-@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
-def test_whole_bank_loss_matches_the_per_query_oracle(tau, chunk_size):
-    q, bank = _unit(9, 12, seed=1, dtype=torch.float64), _unit(64, 12, seed=2, dtype=torch.float64)
-    targets = torch.tensor([0, 63, 5, 5, 17, 30, 2, 41, 63])
-    got = float(bank_loss(q, bank, targets, tau, chunk_size=chunk_size))
-    assert abs(got - _oracle_loss(q, bank, targets, tau)) < 1e-6
-
-
-def test_sampled_loss_matches_the_oracle_on_the_same_draws():
-    q, bank = _unit(8, 16, seed=3, dtype=torch.float64), _unit(40, 16, seed=4, dtype=torch.float64)
-    targets = torch.arange(8) * 5
-    got = float(bank_loss(q, bank, targets, 0.05, neg_num=11, generator=torch.Generator().manual_seed(9)))
-    drawn = sample_negatives(targets, 40, 11, torch.Generator().manual_seed(9))
-    assert abs(got - _oracle_loss(q, bank, targets, 0.05, drawn)) < 1e-6
-
-
-@pytest.mark.parametrize("chunk_size", [1, 5, 33, 200])
-def test_chunked_loss_and_gradient_equal_the_full_matrix(chunk_size):
-    q = _unit(12, 32, seed=5).requires_grad_()
-    bank = _unit(100, 32, seed=6)
-    targets = torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(7))
-    chunked = bank_loss(q, bank, targets, 0.02, chunk_size=chunk_size)
-    (g_chunked,) = torch.autograd.grad(chunked, q)
-    full = F.cross_entropy(q @ bank.T / 0.02, targets)
-    (g_full,) = torch.autograd.grad(full, q)
-    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_chunked, g_full, rtol=1e-4, atol=1e-5)
-
-
-def test_gradient_flows_to_the_model_through_the_queries():
-    "The whole-bank loss is differentiable end to end (a linear map before the queries gets the same gradient)."
-    raw = _unit(6, 16, seed=8)
-    layer = torch.nn.Linear(16, 16)
-    bank, targets = _unit(30, 16, seed=9), torch.tensor([1, 2, 3, 4, 5, 6])
-    grads = []
-    for chunk in (4, 30):
-        layer.zero_grad()
-        bank_loss(F.normalize(layer(raw), dim=-1), bank, targets, 0.05, chunk_size=chunk).backward()
-        grads.append(layer.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
-    assert grads[0].abs().sum() > 0
-
-
-def test_half_precision_bank_scores_in_float32():
-    q = _unit(4, 64, seed=10).requires_grad_()
-    bank = _unit(500, 64, seed=11)
-    targets = torch.tensor([0, 1, 2, 3])
-    half = bank_loss(q, bank.half(), targets, 0.02, chunk_size=128)
-    assert half.dtype == torch.float32
-    torch.testing.assert_close(half, F.cross_entropy(q @ bank.half().float().T / 0.02, targets), rtol=1e-5, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):                      # autocast queries are promoted, scores stay float32
-        mixed = bank_loss(q.bfloat16(), bank, targets, 0.02, chunk_size=128)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, F.cross_entropy(q.bfloat16().float() @ bank.T / 0.02, targets), rtol=1e-5, atol=1e-5)
-
-
-def _saved_sizes(fn):
-    "Numel of every tensor autograd saves for backward while `fn` runs, the bank itself (same storage) excluded."
-    sizes, bank_ptrs = [], set()
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in bank_ptrs: sizes.append(t.numel())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(bank_ptrs)
-    return sizes
-
-
-def test_whole_bank_loss_keeps_no_batch_by_bank_matrix_for_backward():
-    B, M, D = 8, 20_000, 16
-    q = _unit(B, D, seed=12).requires_grad_()
-    bank, targets = _unit(M, D, seed=13), torch.arange(B)
-    def chunked(ptrs):
-        ptrs.add(bank.untyped_storage().data_ptr())
-        bank_loss(q, bank, targets, 0.02, chunk_size=1024).backward()
-    def plain(ptrs):
-        ptrs.add(bank.untyped_storage().data_ptr())
-        F.cross_entropy(q @ bank.T / 0.02, targets).backward()
-    assert max(_saved_sizes(chunked)) <= B * D           # only queries, positives and (B,) vectors
-    assert max(_saved_sizes(plain)) >= B * M              # the check can fail: plain autograd keeps (B, M)
-
-
-def test_million_row_bank_runs_in_chunks():
-    B, M, D = 4, 1_000_000, 8
-    bank = _unit(M, D, seed=14)
-    q = bank[[3, 500_000, 999_999, 7]].clone().requires_grad_()
-    targets = torch.tensor([3, 500_000, 999_999, 7])
-    loss = bank_loss(q, bank, targets, 0.05, chunk_size=65536)
-    loss.backward()
-    reference = torch.logsumexp(q.detach() @ bank.T / 0.05, dim=1) - 1 / 0.05
-    torch.testing.assert_close(loss.detach(), reference.mean(), rtol=1e-5, atol=1e-4)
-    assert torch.isfinite(q.grad).all()
-
-
-def test_negative_sampling_is_uniform_and_never_the_positive():
-    targets = torch.tensor([0, 9, 4] * 50)
-    drawn = sample_negatives(targets, 10, 200, torch.Generator().manual_seed(0))
-    assert drawn.shape == (150, 200) and drawn.dtype == torch.long
-    assert not (drawn == targets[:, None]).any()
-    assert int(drawn.min()) >= 0 and int(drawn.max()) <= 9
-    for target in (0, 9, 4):
-        counts = torch.bincount(drawn[targets == target].flatten(), minlength=10).double()
-        others = counts[torch.arange(10) != target]
-        expected = others.sum() / 9
-        chi2 = float(((others - expected) ** 2 / expected).sum())
-        assert chi2 < 30, chi2                                   # 8 degrees of freedom; p ~ 2e-4 at 30
-    again = sample_negatives(targets, 10, 200, torch.Generator().manual_seed(0))
-    assert torch.equal(drawn, again)
-
-
-def test_bad_sampling_requests_are_refused():
-    with pytest.raises(SpnError, match="neg_num must be >= 1"): sample_negatives(torch.tensor([0]), 5, 0)
-    with pytest.raises(SpnError, match="at least 2 rows"): sample_negatives(torch.tensor([0]), 1, 1)
-
-
-# ---- banks ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -345,19 +211,3 @@ def test_missing_training_images(shapes, tmp_path):
     with pytest.warns(UserWarning, match="left out of the bank"):
         images = train_bank_images(splits, split.triplets)
     assert unused not in images and len(images) == len(listed) - 1
-
-
-@pytest.mark.parametrize("neg_num", [None, 9])
-def test_excluded_reference_is_no_negative(neg_num):
-    q, bank = _unit(6, 16, seed=20, dtype=torch.float64), _unit(12, 16, seed=21, dtype=torch.float64)
-    targets, refs = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([6, 7, 2, 8, 9, 10])     # query 2: reference row == target row
-    got = float(bank_loss(q, bank, targets, 0.1, neg_num=neg_num, chunk_size=5, exclude=refs,
-                          generator=torch.Generator().manual_seed(3)))
-    drawn = None if neg_num is None else sample_negatives(targets, 12, neg_num, torch.Generator().manual_seed(3))
-    total = 0.0
-    for i in range(6):
-        rows = [j for j in (range(12) if drawn is None else [int(targets[i])] + drawn[i].tolist())
-                if j == int(targets[i]) or j != int(refs[i])]
-        scores = [float(q[i] @ bank[j]) / 0.1 for j in rows]
-        total += math.log(sum(math.exp(x) for x in scores)) - float(q[i] @ bank[targets[i]]) / 0.1
-    assert abs(got - total / 6) < 1e-6
