@@ -19,7 +19,8 @@ __all__ = ['CIRR_KS', 'CIRR_SUBSET_KS', 'FASHIONIQ_KS', 'FASHIONIQ_PROTOCOLS', '
            'topk_retrieval', 'cirr_metrics', 'fashioniq_metrics', 'fashioniq_average', 'cirr_submission',
            'write_cirr_submission', 'circo_ranking_metrics', 'circo_metrics', 'circo_submission',
            'write_circo_submission', 'genecis_metrics', 'genecis_ranking_metrics', 'query_text', 'SplitFeatures',
-           'encode_images', 'encode_split', 'metrics_of', 'headline_score', 'evaluate_model', 'submit_cirr']
+           'encode_images', 'encode_split', 'metrics_of', 'headline_score', 'evaluate_model', 'submit_cirr',
+           'ScoreConfig', 'score_predictions']
 
 # %% ../nbs/08_evaluation.ipynb #1852ddb4
 def _unit_features(feats, # (N, D) torch tensor or numpy array
@@ -623,3 +624,91 @@ def submit_cirr(model, # a `CIRModel`, a checkpoint folder or an open_clip spec
     if missing: raise SpnError(f"query pairid {missing[0]} has no img_set.members: the recall_subset file needs them", root)
     recall, recall_subset = cirr_submission(f.queries, f.gallery, f.gallery_names, f.reference_names, f.pairids, f.group_members)
     return write_cirr_submission(out_dir, recall, recall_subset, split)
+
+# %% ../nbs/08_evaluation.ipynb #39e11ca5
+import math, warnings
+from typing import ClassVar, Literal
+from .core import Config, read_json, write_settings
+from .benchmarks import GENECIS_TASKS, load_circo, load_genecis
+
+@dataclasses.dataclass
+class ScoreConfig(Config):
+    "Settings of `spn4cir score`: the metrics of a ranking file written by any codebase."
+    format:Literal["circo", "cirr", "genecis"] # the benchmark
+    data:str # dataset root in the benchmark's layout
+    predictions:str # ranking file: CIRCO {query_id: [ids]}, CIRR the recall file, GeneCIS {template_index: [candidate ids]}
+    split:str="val" # the split the rankings are for (CIRCO and CIRR; GeneCIS has one)
+    subset_predictions:str|None=None # CIRR recall_subset file (default: the recall file's name with recall -> recall_subset)
+    task:str|None=None # GeneCIS task (default: the task named in the predictions file name)
+    out:str|None=None # also write the metrics JSON here
+    job:ClassVar[str] = "score"
+
+    def check(self):
+        if self.task is not None and self.task not in GENECIS_TASKS: raise SpnError(f"task must be one of {', '.join(GENECIS_TASKS)}, got {self.task!r}")
+
+def _rankings(path:str|os.PathLike, keys:Sequence[str], what:str) -> dict[str, Any]:
+    "The ranking file as {key: list}, refusing missing and unknown keys by name."
+    data = read_json(path)
+    if not isinstance(data, dict): raise SpnError(f"expected a JSON object {{{what}: [ids]}}, got {type(data).__name__}", path)
+    data = {str(k): v for k, v in data.items() if k not in ("version", "metric")}
+    missing = [k for k in keys if k not in data]
+    if missing: raise SpnError(f"no ranking for {what} {missing[0]} ({len(missing)} of {len(keys)} missing)", path)
+    unknown = sorted(set(data) - set(keys))
+    if unknown: raise SpnError(f"{what} {unknown[0]} is not in the split ({len(unknown)} unknown)", path)
+    return data
+
+def _known(ranking:Sequence, allowed, need:int, path, record) -> list[str]:
+    "A ranking's names, each known and unique, at least `need` of them."
+    names = _check_ranking(ranking, record, path)
+    if allowed is not None:
+        bad = [n for n in names if n not in allowed]
+        if bad: raise SpnError(f"unknown id {bad[0]!r}", path, record)
+    if len(names) < need: raise SpnError(f"the ranking has {len(names)} ids, at least {need} are needed", path, record)
+    return names
+
+# %% ../nbs/08_evaluation.ipynb #722b7c62
+def _score_circo(config:ScoreConfig) -> dict:
+    data = load_circo(config.data, config.split)
+    if any(q.ground_truths is None for q in data.queries): raise SpnError(f"CIRCO {config.split} has no ground truths: submit its rankings to the server", config.data)
+    if data.gallery is None: warnings.warn(f"{config.data}: the CIRCO gallery index is absent, ranked ids are not checked against it")
+    keys = [str(q.id) for q in data.queries]
+    files = _rankings(config.predictions, keys, "query id")
+    need = CIRCO_KS[-1] if data.gallery is None else min(CIRCO_KS[-1], len(data.gallery))
+    rankings = [_known(files[k], data.gallery, need, config.predictions, k) for k in keys]
+    return circo_ranking_metrics(rankings, [q.ground_truths for q in data.queries], [q.target for q in data.queries],
+                                 [q.aspects for q in data.queries], config.predictions, keys)
+
+def _score_cirr(config:ScoreConfig) -> dict:
+    split = load_dataset(config.data, "cirr", config.split)["all"]
+    if any(t.target is None for t in split.triplets): raise SpnError(f"CIRR {config.split} has no targets: submit its files to the server", config.data)
+    subset_file = config.subset_predictions or str(config.predictions).replace("recall", "recall_subset")
+    if subset_file == str(config.predictions): raise SpnError("cannot find the recall_subset file by name: give subset_predictions", config.predictions)
+    keys = [str(t.pairid) for t in split.triplets]
+    recall, subset = _rankings(config.predictions, keys, "pairid"), _rankings(subset_file, keys, "pairid")
+    need = min(CIRR_KS[-1], len(split.images) - 1)
+    ranks, subset_ranks = [], []
+    for key, t in zip(keys, split.triplets):
+        ranked = _known(recall[key], split.images, need, config.predictions, key)
+        members = [m for m in dict.fromkeys(t.members or []) if m != t.reference]
+        in_group = _known(subset[key], set(members), min(CIRR_SUBSET_KS[-1], len(members)), subset_file, key)
+        ranks.append(ranked.index(t.target) if t.target in ranked else math.inf)
+        subset_ranks.append(in_group.index(t.target) if t.target in in_group else math.inf)
+    ranks, subset_ranks = torch.tensor(ranks, dtype=torch.float64), torch.tensor(subset_ranks, dtype=torch.float64)
+    out = {f"R@{k}": _recall(ranks, k) for k in CIRR_KS} | {f"Rs@{k}": _recall(subset_ranks, k) for k in CIRR_SUBSET_KS}
+    return out | {"avg": (out["R@5"] + out["Rs@1"]) / 2}
+
+def _score_genecis(config:ScoreConfig) -> dict:
+    task = config.task or next((t for t in GENECIS_TASKS if t in Path(config.predictions).name), None)
+    if task is None: raise SpnError(f"the file name names no GeneCIS task ({', '.join(GENECIS_TASKS)}): give task", config.predictions)
+    templates = load_genecis(config.data, task).templates
+    keys = [str(t.index) for t in templates]
+    files = _rankings(config.predictions, keys, "template")
+    cands = [[c.name for c in t.candidates] for t in templates]
+    return {task: genecis_ranking_metrics([files[k] for k in keys], cands, config.predictions, keys)}
+
+def score_predictions(config:ScoreConfig # what to score
+                     ) -> dict:
+    "The metrics (percent) of a ranking file in the benchmark's own submission format."
+    metrics = {"circo": _score_circo, "cirr": _score_cirr, "genecis": _score_genecis}[config.format](config)
+    if config.out is not None: write_json(config.out, metrics); write_settings(config, config.out, output_is_file=True)
+    return metrics
