@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from .core import SpnError, write_json
 
 # %% auto #0
-__all__ = ['CIRR_KS', 'CIRR_SUBSET_KS', 'FASHIONIQ_KS', 'FASHIONIQ_PROTOCOLS', 'CIRCO_KS', 'GENECIS_KS', 'target_ranks',
-           'topk_retrieval', 'cirr_metrics', 'fashioniq_metrics', 'fashioniq_average', 'cirr_submission',
-           'write_cirr_submission', 'circo_ranking_metrics', 'circo_metrics', 'circo_submission',
-           'write_circo_submission', 'genecis_metrics', 'genecis_ranking_metrics', 'query_text', 'SplitFeatures',
-           'encode_images', 'encode_split', 'metrics_of', 'headline_score', 'evaluate_model', 'submit_cirr',
-           'ScoreConfig', 'score_predictions']
+__all__ = ['CIRR_KS', 'CIRR_SUBSET_KS', 'FASHIONIQ_KS', 'FASHIONIQ_PROTOCOLS', 'CIRCO_KS', 'GENECIS_KS', 'HEADLINES',
+           'BENCHMARK_FORMATS', 'target_ranks', 'topk_retrieval', 'cirr_metrics', 'fashioniq_metrics',
+           'fashioniq_average', 'cirr_submission', 'write_cirr_submission', 'circo_ranking_metrics', 'circo_metrics',
+           'circo_submission', 'write_circo_submission', 'genecis_metrics', 'genecis_ranking_metrics', 'query_text',
+           'SplitFeatures', 'encode_images', 'encode_split', 'metrics_of', 'headline_score', 'evaluate_model',
+           'submit_cirr', 'ScoreConfig', 'score_predictions', 'evaluate_circo', 'evaluate_genecis', 'parse_data',
+           'metrics_table', 'EvalConfig', 'evaluate', 'SubmitConfig', 'submit']
 
 # %% ../nbs/08_evaluation.ipynb #1852ddb4
 def _unit_features(feats, # (N, D) torch tensor or numpy array
@@ -712,3 +713,164 @@ def score_predictions(config:ScoreConfig # what to score
     metrics = {"circo": _score_circo, "cirr": _score_cirr, "genecis": _score_genecis}[config.format](config)
     if config.out is not None: write_json(config.out, metrics); write_settings(config, config.out, output_is_file=True)
     return metrics
+
+# %% ../nbs/08_evaluation.ipynb #517bf4bb
+from .core import atomic_write, check_number
+from .benchmarks import GenecisImages, genecis_tasks
+
+@torch.no_grad()
+def _compose(model, refs:torch.Tensor, texts:list[str], batch_size:int, precision:str|None) -> torch.Tensor:
+    "Unit composed queries (Q, D) for raw reference features and texts."
+    device = model.device; dtype = pick_precision(device, precision); out = []
+    for start in range(0, len(texts), batch_size):
+        with autocast(device, dtype): out.append(model.encode_queries(refs[start:start + batch_size].to(device), texts[start:start + batch_size]).float().cpu())
+    return F.normalize(torch.cat(out), dim=-1)
+
+def _circo_features(model, data, batch_size:int, workers:int|None, precision:str|None, progress:bool):
+    "(queries, gallery features, gallery names) of a CIRCO split."
+    if data.gallery is None: raise SpnError("the CIRCO gallery index is absent: there is nothing to encode (score a ranking file instead)", data.root)
+    was_training = model.training; model.eval()
+    try:
+        names = list(data.gallery)
+        raw = encode_images(model, ImageDataset([data.gallery[n] for n in names], model.image_transform(), names), batch_size, workers, precision, progress, "CIRCO gallery")
+        row = {n: i for i, n in enumerate(names)}
+        refs = raw[torch.tensor([row[q.reference] for q in data.queries])]
+        return _compose(model, refs, [q.caption for q in data.queries], batch_size, precision), F.normalize(raw, dim=-1), names
+    finally: model.train(was_training)
+
+def evaluate_circo(model, # a `CIRModel`
+                   root:str|os.PathLike, # CIRCO root with its gallery
+                   split:str="val", # the split to score
+                   batch_size:int=64, workers:int|None=None, precision:str|None=None, # as `encode_images`
+                   progress:bool=True) -> dict: # show progress bars
+    "CIRCO metrics of a model (percent), per-aspect mAP@10 included."
+    data = load_circo(root, split)
+    if any(q.ground_truths is None for q in data.queries): raise SpnError(f"CIRCO {split} has no ground truths: use the CIRCO submission for the server", root)
+    queries, gallery, names = _circo_features(model, data, batch_size, workers, precision, progress)
+    return circo_metrics(queries, gallery, names, [q.ground_truths for q in data.queries], [q.target for q in data.queries], [q.aspects for q in data.queries])
+
+@torch.no_grad()
+def evaluate_genecis(model, # a `CIRModel`
+                     root:str|os.PathLike, # GeneCIS root
+                     batch_size:int=64, workers:int|None=None, precision:str|None=None, # as `encode_images`
+                     progress:bool=True) -> dict: # show progress bars
+    "GeneCIS `R@1/2/3` per task found and their average R@1 (percent)."
+    tasks = genecis_tasks(root)
+    if not tasks: raise SpnError("no GeneCIS template file", root)
+    was_training = model.training; model.eval(); out = {}
+    try:
+        for name in tasks:
+            task = load_genecis(root, name); pictures = task.pictures()
+            raw = encode_images(model, GenecisImages(list(pictures.values()), task.image_dir, model.image_transform()), batch_size, workers, precision, progress, name)
+            row = {n: i for i, n in enumerate(pictures)}
+            refs = raw[torch.tensor([row[t.reference.name] for t in task.templates])]
+            queries = _compose(model, refs, [t.condition for t in task.templates], batch_size, precision)
+            candidates = raw[torch.tensor([[row[c.name] for c in t.candidates] for t in task.templates])]    # (T, C, D)
+            out[name] = genecis_metrics(queries, candidates)
+    finally: model.train(was_training)
+    return out | {"average R@1": sum(m["R@1"] for m in out.values()) / len(out)}
+
+# %% ../nbs/08_evaluation.ipynb #196e108e
+HEADLINES = {"fashioniq": "Rmean", "cirr": "avg", "jsonl": "R@10", "circo": "mAP@10", "genecis": "average R@1"}
+BENCHMARK_FORMATS = tuple(HEADLINES)
+
+def parse_data(entries:Sequence[str], # `FORMAT=ROOT` entries (or bare roots with `format`)
+               format:str|None=None # the format of bare roots
+              ) -> list[tuple[str, str]]:
+    "`(format, root)` of each `--data` entry."
+    out = []
+    for entry in entries:
+        fmt, sep, root = str(entry).partition("=")
+        if not sep or fmt not in BENCHMARK_FORMATS: fmt, root = format, str(entry)
+        if fmt not in BENCHMARK_FORMATS: raise SpnError(f"data entry {entry!r} names no format: write FORMAT=ROOT with FORMAT one of {', '.join(BENCHMARK_FORMATS)}, or give format")
+        out.append((fmt, root))
+    return out
+
+def _flat(metrics:dict, prefix:str="") -> dict[str, float]:
+    "Nested metrics as 'a b' -> value."
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict): out |= _flat(v, f"{prefix}{k} ")
+        else: out[f"{prefix}{k}"] = v
+    return out
+
+def metrics_table(results:dict[str, dict] # label -> {"format", "data", "split", "metrics"}
+                 ) -> str:
+    "One markdown table: a row per benchmark, its headline metric, then all its numbers."
+    rows = ["| benchmark | data | split | headline | score | all metrics |", "|---|---|---|---|---:|---|"]
+    for label, r in results.items():
+        head = HEADLINES[r["format"]]
+        rest = ", ".join(f"{k} {v:.2f}" for k, v in _flat(r["metrics"]).items() if not k.startswith("aspects"))
+        rows.append(f"| {label} | {r['data']} | {r['split']} | {head} | {_flat(r['metrics'])[head]:.2f} | {rest} |")
+    return "\n".join(rows)
+
+# %% ../nbs/08_evaluation.ipynb #31b6a872
+@dataclasses.dataclass
+class EvalConfig(Config):
+    "Settings of `spn4cir eval`: one model scored on one or several benchmarks, printed as one table."
+    model:str # checkpoint folder or open_clip NAME[:PRETRAINED]
+    data:list[str] # dataset folders, each FORMAT=ROOT (FORMAT: fashioniq, cirr, jsonl, circo, genecis), or ROOT with format
+    format:str|None=None # the format of data entries written without FORMAT=
+    split:str="val" # split of FashionIQ, CIRR, jsonl and CIRCO (GeneCIS has one)
+    protocol:Literal["original", "no-reference", "val-triplets"]="original" # FashionIQ protocol
+    batch_size:int=64 # images or queries per forward pass
+    workers:int|None=None # data-loader workers (default: automatic)
+    device:str|None=None # cpu, cuda, cuda:1 (default: CUDA when present)
+    precision:Literal["fp32", "bf16", "fp16"]|None=None # autocast precision (default: automatic)
+    out:str|None=None # write {benchmark: metrics} here as JSON, and the table beside it (.md)
+    job:ClassVar[str] = "eval"
+
+    def check(self):
+        if not self.data: raise SpnError("data must name at least one dataset folder")
+        parse_data(self.data, self.format)
+        check_number(self, "batch_size", 1)
+
+def evaluate(config:EvalConfig, # what to evaluate
+             progress:bool=True # show progress bars
+            ) -> dict:
+    "Score a model on every `data` entry: `{'benchmarks': {label: {format, data, split, metrics}}, 'table': markdown}`."
+    model = _as_model(config.model, config.device); results = {}
+    common = dict(batch_size=config.batch_size, workers=config.workers, precision=config.precision, progress=progress)
+    for fmt, root in parse_data(config.data, config.format):
+        label = fmt if fmt not in results else f"{fmt} ({len(results)})"
+        if fmt == "circo": metrics = evaluate_circo(model, root, config.split, **common)
+        elif fmt == "genecis": metrics = evaluate_genecis(model, root, **common)
+        else: metrics = evaluate_model(model, root, fmt, config.split, config.protocol, **common)
+        results[label] = {"format": fmt, "data": str(root), "split": "val" if fmt == "genecis" else config.split, "metrics": metrics}
+    summary = {"benchmarks": results, "table": metrics_table(results)}
+    if config.out is not None:
+        write_json(config.out, {label: r["metrics"] for label, r in results.items()})
+        with atomic_write(Path(config.out).with_suffix(".md")) as f: f.write(summary["table"] + "\n")
+        write_settings(config, config.out, output_is_file=True)
+    return summary
+
+# %% ../nbs/08_evaluation.ipynb #fc500f3f
+@dataclasses.dataclass
+class SubmitConfig(Config):
+    "Settings of `spn4cir submit`: the test-server files of a model."
+    data:str # dataset folder (CIRR or CIRCO layout)
+    model:str # checkpoint folder or open_clip NAME[:PRETRAINED]
+    out:str # folder for the files
+    format:Literal["cirr", "circo"]="cirr" # the benchmark
+    split:str|None=None # the split to rank (default: CIRR test1, CIRCO test)
+    batch_size:int=64 # images or queries per forward pass
+    device:str|None=None # cpu, cuda, cuda:1 (default: CUDA when present)
+    precision:Literal["fp32", "bf16", "fp16"]|None=None # autocast precision (default: automatic)
+    job:ClassVar[str] = "submit"
+
+    def check(self):
+        if self.format not in ("cirr", "circo"): raise SpnError(f"format must be cirr or circo, got {self.format!r}")
+        check_number(self, "batch_size", 1)
+
+def submit(config:SubmitConfig, # what to rank
+           progress:bool=True # show progress bars
+          ) -> dict:
+    "Write the benchmark's test-server files; `{'files': [paths]}`."
+    if config.format == "cirr":
+        files = submit_cirr(config.model, config.data, config.out, config.split or "test1", config.batch_size, None, config.device, config.precision, progress)
+    else:
+        data = load_circo(config.data, config.split or "test")
+        queries, gallery, names = _circo_features(_as_model(config.model, config.device), data, config.batch_size, None, config.precision, progress)
+        files = [write_circo_submission(Path(config.out) / f"submission_{data.split}.json", circo_submission(queries, gallery, names, [q.id for q in data.queries]))]
+    write_settings(config, config.out)
+    return {"files": [str(f) for f in files]}
