@@ -8,21 +8,23 @@ import collections, math, os, random, re, shutil, time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .core import SpnError, read_json, write_json, write_jsonl
+from .core import Config, SpnError, read_json, write_json, write_jsonl, write_settings
 from .data import Split, Triplet, load_dataset, read_image_split, write_split
 from .images import summarize_split
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'CATEGORIES', 'POSITIONS', 'EDIT_KINDS', 'SLOT_TEMPLATE', 'FAMILY_SIZE',
-           'SPLITS', 'SIZE_PRESETS', 'MANIFEST', 'Item', 'Scene', 'render_scene', 'main_item', 'full_caption',
-           'scene_slots', 'slot_caption', 'shapes_vocab', 'noisy_caption', 'random_item', 'random_scene', 'random_edit',
-           'scene_diff', 'refer', 'edit_clauses', 'modification_texts', 'make_family', 'family_pairs', 'ShapesImage',
-           'ShapesCir', 'build_shapes_cir', 'write_shapes_cir', 'validate_dataset']
+           'SPLITS', 'SIZE_PRESETS', 'MANIFEST', 'CIRCO_ASPECT_OF_EDIT', 'LAYOUT_PRESETS', 'GENECIS_DISTRACTORS',
+           'FORMATS_VALIDATED', 'Item', 'Scene', 'render_scene', 'main_item', 'full_caption', 'scene_slots',
+           'slot_caption', 'shapes_vocab', 'noisy_caption', 'random_item', 'random_scene', 'random_edit', 'scene_diff',
+           'refer', 'edit_clauses', 'modification_texts', 'make_family', 'family_pairs', 'ShapesImage', 'ShapesCir',
+           'build_shapes_cir', 'build_circo', 'build_genecis', 'SynthConfig', 'write_shapes_cir', 'ValidateConfig',
+           'validate_dataset']
 
 # %% ../nbs/02_synthetic.ipynb #b2b0816f
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -434,19 +436,19 @@ def build_shapes_cir(format:str="cirr", # "fashioniq" (two texts per query, 3 ca
 # %% ../nbs/02_synthetic.ipynb #a1f94b5d
 MANIFEST = "shapes_cir.json"
 
-def _render_files(jobs:list[tuple[str, Scene]], size:int) -> int:
+def _render_files(jobs:list[tuple[str, Scene]], size:int, image_format:str="PNG") -> int:
     "Draw and save a chunk of images (runs in a worker process)."
-    for path, scene in jobs: render_scene(scene, size).save(path, format="PNG")
+    for path, scene in jobs: render_scene(scene, size).save(path, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
     return len(jobs)
 
-def _render_all(jobs:list[tuple[str, Scene]], size:int, workers:int, progress:bool):
+def _render_all(jobs:list[tuple[str, Scene]], size:int, workers:int, progress:bool, image_format:str="PNG"):
     chunks = [jobs[i:i + 500] for i in range(0, len(jobs), 500)]
     with tqdm(total=len(jobs), desc="drawing Shapes-CIR", unit="img", disable=not progress) as bar:
         if workers <= 1 or len(jobs) < 2000:
-            for chunk in chunks: bar.update(_render_files(chunk, size))
+            for chunk in chunks: bar.update(_render_files(chunk, size, image_format))
         else:
             with ProcessPoolExecutor(workers) as pool:
-                for n in pool.map(_render_files, chunks, [size] * len(chunks)): bar.update(n)
+                for n in pool.map(_render_files, chunks, [size] * len(chunks), [image_format] * len(chunks)): bar.update(n)
 
 def _metadata(image:ShapesImage) -> dict:
     objects = [{"shape": i.shape, "colour": i.colour, "size": i.size, "position": POSITIONS[i.cell], "cell": i.cell,
@@ -470,11 +472,210 @@ def _counts(plan:ShapesCir) -> dict:
     roles = collections.Counter(im.role for im in plan.images)
     return {"splits": splits, "unlabeled": roles["pool"], "duplicates": roles["duplicate"], "pretrain": roles["pretrain"],
             "images": len(plan.images)}
+def _check_layout_sizes(sizes:dict):
+    for name, value in sizes.items():
+        low = 0 if name == "n_unlabeled" else 1
+        if not isinstance(value, int) or value < low: raise SpnError(f"{name} must be an integer >= {low}, got {value!r}")
+
+def _write_cir(staging:Path, config, sizes:dict, progress:bool) -> dict:
+    "Plan, draw and write a FashionIQ- or CIRR-layout folder; the summary of what is in it."
+    plan = build_shapes_cir(config.format, config.seed, **sizes, queries_per_set=config.queries_per_set)
+    for folder in sorted({str(Path(im.path).parent) for im in plan.images}): (staging / folder).mkdir(parents=True, exist_ok=True)
+    draw_start = time.perf_counter()
+    _render_all([(str(staging / im.path), im.scene) for im in plan.images], config.image_size, config.workers or min(8, os.cpu_count() or 1), progress)
+    draw_seconds = time.perf_counter() - draw_start
+    _write_annotations(staging, plan)
+    by_name = {im.name: im for im in plan.images}
+    write_jsonl(staging / "pretrain_captions.jsonl", [{"image": by_name[name].path, "caption": caption, "source": "shapes-cir-pretrain"}
+                                                      for name, caption in plan.pretrain_captions.items()])
+    train = SPLITS[config.format][0]
+    write_jsonl(staging / "oracle_captions.jsonl", [{"image": im.name, "caption": full_caption(im.scene), "source": "shapes-cir-oracle"}
+                                                    for im in sorted(plan.images, key=lambda im: im.name) if im.split == train])
+    write_json(staging / "vocab.json", shapes_vocab())
+    write_jsonl(staging / "metadata.jsonl", [_metadata(im) for im in plan.images])
+    return _counts(plan) | {"images_per_second": round(len(plan.images) / max(draw_seconds, 1e-9), 1)}
+
+
+# %% ../nbs/02_synthetic.ipynb #240d065d
+CIRCO_ASPECT_OF_EDIT = {"colour": "direct_addressing", "shape": "compare_change", "size": "comparative_statement"}
+LAYOUT_PRESETS = {"circo": {"default": dict(n_val=220, n_test=800, n_unlabeled=4000), "quick": dict(n_val=55, n_test=200, n_unlabeled=1000)},
+                  "genecis": {"default": dict(n_val=100), "quick": dict(n_val=25)}}
+GENECIS_DISTRACTORS = 14
+
+def _condition(item:Item, background:str) -> tuple: return (background, item.shape, item.colour, item.size)
+
+def _conditions(scene:Scene) -> set: return {_condition(i, scene.background) for i in scene.items}
+
+def _edited_query(rng:random.Random, seen:set) -> tuple[Scene, Scene, str]:
+    "A reference and its one-attribute edit of the main object, the edit satisfied by no object of the reference."
+    while True:
+        ref = random_scene(rng); m = main_item(ref); kind = rng.choice(tuple(CIRCO_ASPECT_OF_EDIT))
+        values = {"colour": list(COLOURS), "shape": SHAPES, "size": _SIZE_ORDER}[kind]
+        new = replace(m, **{kind: rng.choice([v for v in values if v != getattr(m, kind)])})
+        tgt = replace(ref, items=tuple(new if i is m else i for i in ref.items))
+        if _condition(new, ref.background) not in _conditions(ref) and main_item(tgt) == new and _claim(seen, ref):
+            if _claim(seen, tgt): return ref, tgt, kind
+
+def _planted(rng:random.Random, seen:set, tgt:Scene) -> Scene:
+    "A new scene on the target's background that keeps the target's main object and redraws the rest."
+    keep = main_item(tgt)
+    while True:
+        other = random_scene(rng, tgt.background)
+        items = [i for i in other.items if i.cell != keep.cell][:2]
+        scene = Scene(tgt.background, tuple([replace(keep, uid=9, dx=_jitter(rng), dy=_jitter(rng))] + items))
+        if _claim(seen, scene): return scene
+
+# %% ../nbs/02_synthetic.ipynb #99296568
+def build_circo(seed:int=0, # everything follows from it
+                n_val:int=220, # val queries (with ground truths)
+                n_test:int=800, # test queries (no targets in the file)
+                n_distractors:int=4000 # gallery images in no query
+               ) -> tuple[dict[int, Scene], dict[str, list[dict]]]:
+    "Plan a CIRCO-layout benchmark: gallery id -> scene, and split -> official query records."
+    rng, seen, scenes, plans = _stream(seed, "circo"), set(), [], {}
+    for split, n in (("val", n_val), ("test", n_test)):
+        plans[split] = []
+        for _ in range(n):
+            ref, tgt, kind = _edited_query(rng, seen)
+            extra = [_planted(rng, seen, tgt) for _ in range(rng.randint(0, 4))]
+            plans[split].append((len(scenes), len(scenes) + 1, kind, modification_texts(ref, tgt, rng)[0]))
+            scenes += [ref, tgt, *extra]
+    while len(scenes) < 2 * (n_val + n_test) + n_distractors or len(scenes) == 0:
+        scene = random_scene(rng)
+        if _claim(seen, scene): scenes.append(scene)
+    ids = rng.sample(range(10**5, 10**6), len(scenes))
+    by_condition = collections.defaultdict(list)
+    for k, scene in enumerate(scenes):
+        for c in _conditions(scene): by_condition[c].append(ids[k])
+    records = {}
+    for split, plan in plans.items():
+        records[split] = []
+        for qid, (r, t, kind, caption) in enumerate(plan):
+            m = main_item(scenes[t])
+            rec = {"id": qid, "reference_img_id": ids[r], "relative_caption": caption,
+                   "shared_concept": f"a {m.shape if kind != 'shape' else 'shape'} on a {scenes[r].background} background"}
+            if split == "val":
+                truths = [ids[t]] + sorted(set(by_condition[_condition(m, scenes[t].background)]) - {ids[t]})
+                rec |= {"target_img_id": ids[t], "gt_img_ids": truths, "semantic_aspects": [CIRCO_ASPECT_OF_EDIT[kind]]}
+            records[split].append(rec)
+    return dict(zip(ids, scenes)), records
+
+# %% ../nbs/02_synthetic.ipynb #2f89b5f9
+def _bbox(item:Item, size:int) -> list[int]:
+    "The object's box [x, y, w, h] in pixels of a `size` image (as `_draw_item` places it)."
+    cell = size / 3; row, col = divmod(item.cell, 3)
+    r = 0.9 * SIZES[item.size] * cell / 2; room = 0.9 * (cell / 2 - r)
+    cx, cy = (col + 0.5) * cell + item.dx * room, (row + 0.5) * cell + item.dy * room
+    return [max(0, round(cx - r)), max(0, round(cy - r)), max(1, round(2 * r)), max(1, round(2 * r))]
+
+def _scene_with(rng:random.Random, seen:set, item:Item, base:Scene|None=None) -> Scene:
+    "A new scene holding `item` in a free cell: `base` plus it, or a random scene plus it."
+    while True:
+        scene = base or random_scene(rng, count_weights=(0.5, 0.5, 0))
+        free = [c for c in range(9) if c not in {i.cell for i in scene.items}]
+        added = replace(item, cell=rng.choice(free), uid=max(i.uid for i in scene.items) + 1, dx=_jitter(rng), dy=_jitter(rng))
+        out = Scene(scene.background, scene.items + (added,))
+        if _claim(seen, out): return out
+
+def _object(rng:random.Random, **fixed) -> Item:
+    "A random object with some attributes fixed (values may be lists to draw from)."
+    pick = lambda k, pool: rng.choice(fixed[k]) if isinstance(fixed.get(k), list) else fixed.get(k) or rng.choice(pool)
+    return Item(pick("shape", SHAPES), pick("colour", list(COLOURS)), pick("size", _SIZE_ORDER), 0)
+
+def _attribute_template(task:str, rng:random.Random) -> tuple[str, Item, Item, list[Item]]:
+    "condition, reference object, target object and distractor objects of an attribute template."
+    ref = _object(rng)
+    others = lambda attr, value: [v for v in (SHAPES if attr == "shape" else list(COLOURS)) if v != value]
+    if task == "focus_attribute":
+        attr = rng.choice(("colour", "shape")); keep = "shape" if attr == "colour" else "colour"
+        target = _object(rng, **{attr: getattr(ref, attr), keep: others(keep, getattr(ref, keep))})
+        hard = [_object(rng, **{keep: getattr(ref, keep), attr: others(attr, getattr(ref, attr))}) for _ in range(GENECIS_DISTRACTORS // 2)]
+        rest = [_object(rng, **{attr: others(attr, getattr(ref, attr))}) for _ in range(GENECIS_DISTRACTORS - len(hard))]
+        return attr, ref, target, hard + rest
+    colour = rng.choice(others("colour", ref.colour))
+    hard = [_object(rng, shape=ref.shape, colour=others("colour", colour)) for _ in range(GENECIS_DISTRACTORS // 2)]
+    rest = [_object(rng, colour=colour, shape=others("shape", ref.shape)) for _ in range(GENECIS_DISTRACTORS - len(hard))]
+    return colour, ref, _object(rng, shape=ref.shape, colour=colour), hard + rest
+
+# %% ../nbs/02_synthetic.ipynb #e1dd3b53
+def _object_template(task:str, rng:random.Random, seen:set) -> tuple[str, Scene, Scene, list[Scene]]:
+    "condition, reference, target and distractor scenes of an object template."
+    ref = random_scene(rng, count_weights=(0, 0.6, 0.4))
+    while not _claim(seen, ref): ref = random_scene(rng, count_weights=(0, 0.6, 0.4))
+    shown = {i.shape for i in ref.items}
+    def without(shapes): return lambda s: not ({i.shape for i in s.items} & shapes)
+    def draw(ok, make):
+        while True:
+            s = make()
+            if ok(s): return s
+    if task == "focus_object":
+        shape = rng.choice(sorted(shown)); kept = [i for i in ref.items if i.shape != shape]
+        target = _scene_with(rng, seen, _object(rng, shape=shape))
+        gallery = [draw(without({shape}), lambda: _scene_with(rng, seen, replace(rng.choice(kept) if kept else _object(rng), cell=0)))
+                   for _ in range(GENECIS_DISTRACTORS)]
+        return shape, ref, target, gallery
+    shape = rng.choice([s for s in SHAPES if s not in shown])
+    target = _scene_with(rng, seen, _object(rng, shape=shape), ref if len(ref.items) < 3 else Scene(ref.background, ref.items[:2]))
+    base = ref if len(ref.items) < 3 else Scene(ref.background, ref.items[:2])
+    near = [draw(without({shape}), lambda: _scene_with(rng, seen, _object(rng, shape=[s for s in SHAPES if s != shape]), base)) for _ in range(4)]
+    far = [draw(without({shape}), lambda: _scene_with(rng, seen, _object(rng, shape=[s for s in SHAPES if s != shape])))
+           for _ in range(GENECIS_DISTRACTORS - len(near))]
+    return shape, ref, target, near + far
+
+# %% ../nbs/02_synthetic.ipynb #0eaff064
+def build_genecis(seed:int=0, # everything follows from it
+                  n_templates:int=100, # templates per task
+                  image_size:int=64 # image side (the crop boxes are in pixels)
+                 ) -> tuple[dict[str, dict[int, Scene]], dict[str, list[dict]]]:
+    "Plan the four GeneCIS-layout tasks: folder -> {image id: scene}, and task -> official template records."
+    rng, seen, ids = _stream(seed, "genecis"), set(), iter(random.Random(f"shapes-cir/{seed}/genecis-ids").sample(range(10**5, 10**6), 64 * n_templates + 64))
+    images, records = {"val2017": {}, "VG_100K_all": {}}, {}
+    def whole(scene):
+        i = next(ids); images["val2017"][i] = scene; return {"val_image_id": i}
+    def crop(item):
+        scene = _scene_with(rng, seen, item); i = next(ids); images["VG_100K_all"][i] = scene
+        return {"image_id": i, "instance_bbox": _bbox(scene.items[-1], image_size)}
+    for task in ("focus_attribute", "change_attribute"):
+        records[task] = []
+        for _ in range(n_templates):
+            condition, ref, target, gallery = _attribute_template(task, rng)
+            records[task].append({"reference": crop(ref), "condition": condition, "target": crop(target), "gallery": [crop(g) for g in gallery]})
+    for task in ("focus_object", "change_object"):
+        records[task] = []
+        for _ in range(n_templates):
+            condition, ref, target, gallery = _object_template(task, rng, seen)
+            records[task].append({"reference": whole(ref), "condition": condition, "target": whole(target), "gallery": [whole(g) for g in gallery]})
+    return images, records
+
+# %% ../nbs/02_synthetic.ipynb #55dd82d8
+def _write_circo(staging:Path, config, sizes:dict, progress:bool) -> dict:
+    "Draw and write a CIRCO-layout folder; the summary of what is in it."
+    scenes, records = build_circo(config.seed, sizes["n_val"], sizes["n_test"], sizes["n_unlabeled"])
+    folder = staging / "COCO2017_unlabeled" / "unlabeled2017"; folder.mkdir(parents=True)
+    _render_all([(str(folder / f"{i:012d}.png"), s) for i, s in scenes.items()], config.image_size, config.workers or min(8, os.cpu_count() or 1), progress)
+    write_json(staging / "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json",
+               {"images": [{"id": i, "file_name": f"{i:012d}.png"} for i in scenes]}, indent=None)
+    for split, recs in records.items(): write_json(staging / "annotations" / f"{split}.json", recs)
+    write_jsonl(staging / "metadata.jsonl", [{"image": str(i), "caption": full_caption(s), "background": s.background} for i, s in scenes.items()])
+    return {"splits": {s: {"queries": len(r)} for s, r in records.items()}, "images": len(scenes),
+            "ground_truths": sum(len(r["gt_img_ids"]) for r in records["val"])}
+
+def _write_genecis(staging:Path, config, sizes:dict, progress:bool) -> dict:
+    "Draw and write a GeneCIS-layout folder; the summary of what is in it."
+    images, records = build_genecis(config.seed, sizes["n_val"], config.image_size)
+    jobs = []
+    for folder, scenes in images.items():
+        (staging / folder).mkdir(parents=True)
+        jobs += [(str(staging / folder / (f"{i:012d}.jpg" if folder == "val2017" else f"{i}.jpg")), s) for i, s in scenes.items()]
+    _render_all(jobs, config.image_size, config.workers or min(8, os.cpu_count() or 1), progress, image_format="JPEG")
+    for task, recs in records.items(): write_json(staging / f"{task}.json", recs)
+    return {"tasks": {t: {"templates": len(r)} for t, r in records.items()}, "images": len(jobs)}
 
 # %% ../nbs/02_synthetic.ipynb #1ad9e511
-def _sizes(preset:str, given:dict) -> dict:
-    if preset not in SIZE_PRESETS: raise SpnError(f"unknown size preset {preset!r}, use one of {', '.join(SIZE_PRESETS)}")
-    return {k: SIZE_PRESETS[preset][k] if given.get(k) is None else given[k] for k in SIZE_PRESETS[preset]}
+def _sizes(preset:str, given:dict, format:str="cirr") -> dict:
+    presets = LAYOUT_PRESETS.get(format, SIZE_PRESETS)
+    if preset not in presets: raise SpnError(f"unknown size preset {preset!r}, use one of {', '.join(presets)}")
+    return {k: presets[preset][k] if given.get(k) is None else given[k] for k in presets[preset]}
 
 def _replace_folder(staging:Path, out:Path):
     "Move the finished `staging` folder onto `out`, replacing what `out` held."
@@ -483,67 +684,81 @@ def _replace_folder(staging:Path, out:Path):
     if old.exists(): shutil.rmtree(old)
     os.replace(out, old); os.replace(staging, out); shutil.rmtree(old)
 
-def write_shapes_cir(out:str|os.PathLike, # the dataset folder to create
-                     format:str="cirr", # "fashioniq" or "cirr"
-                     seed:int=0, # everything follows from it
-                     image_size:int=64, # image side in pixels
-                     preset:str="default", # "default" or "quick" (about 4x smaller); explicit sizes below override it
-                     n_train_triplets:int|None=None, # human training triplets
-                     n_unlabeled:int|None=None, # train images in no triplet
-                     n_val:int|None=None, # validation queries
-                     n_test:int|None=None, # test queries
-                     n_pretrain:int|None=None, # pretraining image-caption pairs
-                     n_duplicates:int|None=None, # pool images listed twice under another name
-                     queries_per_set:int=2, # queries per family of six images
-                     workers:int|None=None, # drawing processes (default: CPU count, at most 8)
-                     overwrite:bool=False, # replace an existing Shapes-CIR dataset of another configuration
-                     progress:bool=True # show a progress bar
-                    ) -> dict:
+@dataclass
+class SynthConfig(Config):
+    "Settings of `spn4cir synth`: a Shapes-CIR dataset folder in one benchmark's layout."
+    out:str # the dataset folder to create
+    format:Literal["fashioniq", "cirr", "circo", "genecis"]="cirr" # annotation layout
+    seed:int=0 # everything follows from it
+    image_size:int=64 # image side in pixels
+    preset:Literal["default", "quick"]="default" # size preset (quick is about 4x smaller); explicit sizes override it
+    n_train_triplets:int|None=None # human training triplets (fashioniq, cirr)
+    n_unlabeled:int|None=None # train images in no triplet (fashioniq, cirr); gallery distractors (circo)
+    n_val:int|None=None # validation queries; templates per task (genecis)
+    n_test:int|None=None # test queries (fashioniq, cirr, circo)
+    n_pretrain:int|None=None # pretraining image-caption pairs (fashioniq, cirr)
+    n_duplicates:int|None=None # pool images listed twice under another name (fashioniq, cirr)
+    queries_per_set:int=2 # queries per family of six images (fashioniq, cirr)
+    workers:int|None=None # drawing processes (default: CPU count, at most 8)
+    overwrite:bool=False # replace an existing Shapes-CIR dataset of another configuration
+    job:ClassVar[str] = "synth"
+
+    def check(self):
+        if self.format not in ("fashioniq", "cirr", "circo", "genecis"): raise SpnError(f"format must be fashioniq, cirr, circo or genecis, got {self.format!r}")
+        if not isinstance(self.image_size, int) or self.image_size < 16: raise SpnError(f"image_size must be an integer >= 16, got {self.image_size!r}")
+
+def _synth_config(config, format:str|None, fields:dict) -> SynthConfig:
+    "A `SynthConfig`, or one made from a folder and field keywords (the form of the earlier notebooks)."
+    if isinstance(config, SynthConfig):
+        if format is not None or fields: raise SpnError("give a SynthConfig, or a folder with settings as keywords, not both")
+        return config
+    return SynthConfig(str(config), **({} if format is None else {"format": format}), **fields)
+
+def _reused(out:Path, manifest:dict, overwrite:bool) -> dict|None:
+    "The summary of an existing dataset of this configuration; None when `out` is free (or may be replaced)."
+    if not out.exists(): return None
+    if not out.is_dir(): raise SpnError("exists and is not a folder", out)
+    if not any(out.iterdir()): return None
+    if not (out / MANIFEST).is_file(): raise SpnError("folder is not empty and holds no Shapes-CIR dataset; choose another folder", out)
+    previous = read_json(out / MANIFEST)
+    if previous.get("config") == manifest: return previous["summary"] | {"out": str(out), "reused": True}
+    if not overwrite: raise SpnError(f"holds a Shapes-CIR dataset of another configuration ({MANIFEST}); pass overwrite=True to replace it", out)
+    return None
+
+def write_shapes_cir(config:SynthConfig|str|os.PathLike, # the settings, or the folder to create followed by settings as keywords
+                     format:str|None=None, # with a folder: the layout (default "cirr")
+                     progress:bool=True, # show a progress bar
+                     **fields): # with a folder: any other `SynthConfig` field
     "Write a Shapes-CIR dataset folder in the official layout and return a summary of what is in it."
-    sizes = _sizes(preset, dict(n_train_triplets=n_train_triplets, n_unlabeled=n_unlabeled, n_val=n_val, n_test=n_test,
-                                n_pretrain=n_pretrain, n_duplicates=n_duplicates))
-    _check_sizes(format, **sizes, queries_per_set=queries_per_set)
-    if not isinstance(image_size, int) or image_size < 16: raise SpnError(f"image_size must be an integer >= 16, got {image_size!r}")
-    config = dict(generator="spn4cir.synthetic", version=1, format=format, seed=seed, image_size=image_size, **sizes,
-                  queries_per_set=queries_per_set)
-    out = Path(out).absolute()
-    if out.exists():
-        if not out.is_dir(): raise SpnError("exists and is not a folder", out)
-        if any(out.iterdir()):
-            if not (out / MANIFEST).is_file(): raise SpnError("folder is not empty and holds no Shapes-CIR dataset; choose another folder", out)
-            previous = read_json(out / MANIFEST)
-            if previous.get("config") == config: return previous["summary"] | {"out": str(out), "reused": True}
-            if not overwrite: raise SpnError(f"holds a Shapes-CIR dataset of another configuration ({MANIFEST}); pass overwrite=True to replace it", out)
+    config = _synth_config(config, format, fields)
+    given = {k: getattr(config, k) for k in ("n_train_triplets", "n_unlabeled", "n_val", "n_test", "n_pretrain", "n_duplicates")}
+    sizes = _sizes(config.preset, given, config.format)
+    if config.format in SPLITS: _check_sizes(config.format, **sizes, queries_per_set=config.queries_per_set)
+    else: _check_layout_sizes(sizes)
+    manifest = dict(generator="spn4cir.synthetic", version=1, format=config.format, seed=config.seed, image_size=config.image_size, **sizes,
+                    queries_per_set=config.queries_per_set)
+    out = Path(config.out).absolute()
+    reused = _reused(out, manifest, config.overwrite)
+    if reused is not None: return reused
     start = time.perf_counter()
-    plan = build_shapes_cir(format, seed, **sizes, queries_per_set=queries_per_set)
     staging = out.parent / f".{out.name}.partial"
     if staging.exists(): shutil.rmtree(staging)
     try:
         staging.mkdir(parents=True)
-        for folder in sorted({str(Path(im.path).parent) for im in plan.images}): (staging / folder).mkdir(parents=True, exist_ok=True)
-        draw_start = time.perf_counter()
-        _render_all([(str(staging / im.path), im.scene) for im in plan.images], image_size, workers or min(8, os.cpu_count() or 1), progress)
-        draw_seconds = time.perf_counter() - draw_start
-        _write_annotations(staging, plan)
-        by_name = {im.name: im for im in plan.images}
-        write_jsonl(staging / "pretrain_captions.jsonl", [{"image": by_name[name].path, "caption": caption, "source": "shapes-cir-pretrain"}
-                                                          for name, caption in plan.pretrain_captions.items()])
-        train = SPLITS[format][0]
-        write_jsonl(staging / "oracle_captions.jsonl", [{"image": im.name, "caption": full_caption(im.scene), "source": "shapes-cir-oracle"}
-                                                        for im in sorted(plan.images, key=lambda im: im.name) if im.split == train])
-        write_json(staging / "vocab.json", shapes_vocab())
-        write_jsonl(staging / "metadata.jsonl", [_metadata(im) for im in plan.images])
-        summary = {"format": format, "seed": seed, "image_size": image_size} | _counts(plan)
-        write_json(staging / MANIFEST, {"config": config, "summary": summary})
+        writer = {"circo": _write_circo, "genecis": _write_genecis}.get(config.format, _write_cir)
+        summary = {"format": config.format, "seed": config.seed, "image_size": config.image_size} | writer(staging, config, sizes, progress)
+        rate = summary.pop("images_per_second", None)
+        write_json(staging / MANIFEST, {"config": manifest, "summary": summary})
+        write_settings(config, staging)
         _replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    seconds = time.perf_counter() - start
-    return summary | {"out": str(out), "reused": False, "seconds": round(seconds, 2),
-                      "images_per_second": round(len(plan.images) / max(draw_seconds, 1e-9), 1)}
+    return summary | {"out": str(out), "reused": False, "seconds": round(time.perf_counter() - start, 2)} | ({} if rate is None else {"images_per_second": rate})
 
 # %% ../nbs/02_synthetic.ipynb #472ccd7a
+from .benchmarks import validate_circo, validate_genecis
+
 _SPLIT_ORDER = ("train", "val", "test", "test1")
 _FILE_PATTERNS = {"fashioniq": (r"cap\.(?P<cat>[^.]+)\.(?P<split>[^.]+)\.json", r"split\.(?P<cat>[^.]+)\.(?P<split>[^.]+)\.json"),
                   "cirr": (r"cap\.rc2\.(?P<split>[^.]+)\.json", r"split\.rc2\.(?P<split>[^.]+)\.json"),
@@ -560,22 +775,41 @@ def _annotation_files(root:Path, format:str) -> tuple[dict, dict]:
         found.append(by_split)
     return found[0], found[1]
 
-def validate_dataset(root:str|os.PathLike, # the dataset folder
-                     format:str, # "fashioniq", "cirr" or "jsonl"
-                     splits:str|list[str]|None=None, # splits to check (default: every split with annotation files)
-                     workers:int|None=None, # image-decoding threads for the duplicate count
+@dataclass
+class ValidateConfig(Config):
+    "Settings of `spn4cir validate`: check a dataset folder and count what it holds."
+    data:str # the dataset folder
+    format:Literal["fashioniq", "cirr", "jsonl", "circo", "genecis"] # annotation format
+    split:list[str]|None=None # splits to check (default: every split with annotation files; genecis: none)
+    workers:int|None=None # image-decoding threads for the duplicate count
+    coco_images:str|None=None # genecis: COCO val2017 folder (default DATA/val2017)
+    vg_images:str|None=None # genecis: Visual Genome folder (default DATA/VG_100K_all)
+    job:ClassVar[str] = "validate"
+
+    def check(self):
+        if self.format not in FORMATS_VALIDATED: raise SpnError(f"unknown format {self.format!r}, use one of {', '.join(FORMATS_VALIDATED)}")
+        if isinstance(self.split, str): self.split = [self.split]
+
+FORMATS_VALIDATED = ("fashioniq", "cirr", "jsonl", "circo", "genecis")
+
+def validate_dataset(config:ValidateConfig|str|os.PathLike, # the settings, or the dataset folder
+                     format:str|None=None, # with a folder: "fashioniq", "cirr", "jsonl", "circo" or "genecis"
+                     splits:str|list[str]|None=None, # with a folder: splits to check (default: every split with annotation files)
+                     workers:int|None=None, # with a folder: image-decoding threads for the duplicate count
                      progress:bool=False # show progress bars
                     ) -> dict:
     "Check a dataset folder: {split: {category: {queries, images, missing_images, duplicate_groups}}}."
-    root = Path(root)
-    if format not in ("fashioniq", "cirr", "jsonl"): raise SpnError(f"unknown format {format!r}, use one of fashioniq, cirr, jsonl")
+    if not isinstance(config, ValidateConfig): config = ValidateConfig(str(config), format, splits, workers)
+    root, format = Path(config.data), config.format
+    if format == "circo": return validate_circo(root, config.split, workers=config.workers, progress=progress)
+    if format == "genecis": return validate_genecis(root, config.coco_images, config.vg_images, workers=config.workers, progress=progress)
     if not root.is_dir(): raise SpnError("dataset root is not a folder", root)
     with_captions, with_images = _annotation_files(root, format)
+    splits = config.split
     if splits is None:
         names = set(with_captions) | set(with_images)
         if not names: raise SpnError(f"no {format} annotation files under captions/ or image_splits/", root)
         splits = sorted(names, key=lambda s: (s not in _SPLIT_ORDER, _SPLIT_ORDER.index(s) if s in _SPLIT_ORDER else 0, s))
-    elif isinstance(splits, str): splits = [splits]
     report = {}
     for split in splits:
         if split not in with_captions and split not in with_images:
@@ -584,5 +818,5 @@ def validate_dataset(root:str|os.PathLike, # the dataset folder
         for category in with_images.get(split, []):
             if category not in loaded:
                 loaded[category] = Split(root.resolve(), format, split, category, [], read_image_split(root, format, split, category))
-        report[split] = {category: summarize_split(loaded[category], dedup=True, workers=workers, progress=progress) for category in sorted(loaded)}
+        report[split] = {category: summarize_split(loaded[category], dedup=True, workers=config.workers, progress=progress) for category in sorted(loaded)}
     return report

@@ -345,3 +345,92 @@ def test_real_splits_give_chance_level_recall_for_random_features(shared_data):
         assert 100 * 50 / triplet_images * 0.7 < results["val-triplets"]["R@50"] < 100 * 50 / triplet_images * 1.3
         per_category[cat] = results["original"]
     assert list(fashioniq_average(per_category)) == ["dress", "shirt", "toptee", "average", "Rmean"]
+
+# ---------------------------------------------------------------- CIRCO and GeneCIS against their official formulas
+
+from collections import defaultdict
+from spn4cir.evaluate import circo_metrics, circo_ranking_metrics, genecis_metrics, genecis_ranking_metrics
+
+def official_circo(predictions, annotations, ranks=(5, 10, 25, 50)):
+    "CIRCO's src/evaluation.py compute_metrics, transcribed: query ids index the annotation list, values are fractions."
+    aps, recalls, aspects = defaultdict(list), defaultdict(list), defaultdict(list)
+    for query_id, preds in predictions.items():
+        ann = annotations[int(query_id)]
+        gts, target = ann["gt_img_ids"], ann["target_img_id"]
+        preds = np.array(preds, dtype=int)
+        labels = np.isin(preds, gts)
+        precisions = np.cumsum(labels, axis=0) * labels / np.arange(1, labels.shape[0] + 1)
+        for r in ranks: aps[r].append(float(np.sum(precisions[:r]) / min(len(gts), r)))
+        for r in ranks: recalls[r].append(float(np.sum((preds == target)[:r])))
+        for a in ann.get("semantic_aspects", []): aspects[a].append(float(np.sum(precisions[:10]) / min(len(gts), 10)))
+    return ({r: float(np.mean(aps[r])) for r in ranks}, {r: float(np.mean(recalls[r])) for r in ranks},
+            {a: float(np.mean(v)) for a, v in aspects.items()})
+
+def assert_circo_equal(ours, official):
+    maps, recalls, aspects = official
+    for k in (5, 10, 25, 50):
+        assert ours[f"mAP@{k}"] == pytest.approx(100 * maps[k], abs=1e-9)
+        assert ours[f"R@{k}"] == pytest.approx(100 * recalls[k], abs=1e-9)
+    if "aspects" in ours:
+        assert set(ours["aspects"]) == set(aspects)
+        for a, v in aspects.items(): assert ours["aspects"][a] == pytest.approx(100 * v, abs=1e-9)
+
+def random_circo(seed, n_queries=30, n_gallery=200):
+    "Seeded CIRCO-like annotations (ids = list positions) and rankings of 50 unique gallery ids."
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(10**6, n_gallery, replace=False)
+    anns, preds = [], {}
+    for q in range(n_queries):
+        gts = [int(i) for i in rng.choice(ids, rng.integers(1, 24), replace=False)]
+        anns.append({"id": q, "target_img_id": gts[0], "gt_img_ids": gts, "semantic_aspects": list(rng.choice(["negation", "addition", "viewpoint"], rng.integers(0, 3), replace=False))})
+        ranked = [int(i) for i in rng.permutation(ids)[:50]]
+        if rng.random() < 0.5: ranked[rng.integers(0, 50)] = gts[0]   # plant the target sometimes
+        preds[str(q)] = list(dict.fromkeys(ranked))
+    return anns, preds, [str(i) for i in ids]
+
+@pytest.mark.parametrize("seed", range(5))
+def test_circo_ranking_metrics_equal_official_compute_metrics(seed):
+    anns, preds, _ = random_circo(seed)
+    ours = circo_ranking_metrics([preds[str(a["id"])] for a in anns], [a["gt_img_ids"] for a in anns], [a["target_img_id"] for a in anns],
+                                 aspects=[a["semantic_aspects"] for a in anns])
+    assert_circo_equal(ours, official_circo(preds, anns))
+
+@pytest.mark.parametrize("seed", range(3))
+def test_circo_metrics_on_seeded_features_equal_official_on_their_ranking(seed):
+    anns, _, names = random_circo(seed)
+    rng = np.random.default_rng(seed + 100)
+    gallery, queries = rng.normal(size=(len(names), 16)), rng.normal(size=(len(anns), 16))
+    scores = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (gallery / np.linalg.norm(gallery, axis=1, keepdims=True)).T
+    preds = {str(q): [int(names[j]) for j in np.argsort(-scores[q], kind="stable")[:50]] for q in range(len(anns))}
+    ours = circo_metrics(queries, gallery, names, [[str(g) for g in a["gt_img_ids"]] for a in anns], [str(a["target_img_id"]) for a in anns],
+                         dtype=torch.float64)
+    assert_circo_equal(ours, official_circo(preds, anns)[:2] + ({},))
+
+def test_official_circo_example_submission_scores_as_the_official_script(benchmark_data):
+    root = benchmark_data("circo")
+    anns, preds = read_json(root / "annotations/val.json"), read_json(root / "submission_examples/submission_val.json")
+    assert sorted(map(int, preds)) == list(range(len(anns))) == [a["id"] for a in anns]   # the official script's key check
+    ours = circo_ranking_metrics([preds[str(a["id"])] for a in anns], [a["gt_img_ids"] for a in anns], [a["target_img_id"] for a in anns],
+                                 aspects=[a["semantic_aspects"] for a in anns])
+    assert_circo_equal(ours, official_circo(preds, anns))
+
+def official_genecis(query, candidates, topk=(1, 2, 3)):
+    "genecis' eval validate + get_recall, transcribed: sort similarities descending, is candidate 0 in the first k?"
+    q = torch.nn.functional.normalize(torch.as_tensor(query), dim=-1)
+    c = torch.nn.functional.normalize(torch.as_tensor(candidates), dim=-1)
+    sims = (q[:, None, :] * c).sum(dim=-1)
+    _, order = sims.sort(dim=-1, descending=True)
+    return {k: float((order[:, :k] == 0).any(dim=1).float().mean()) for k in topk}
+
+@pytest.mark.parametrize("seed", range(5))
+def test_genecis_metrics_equal_official_recall(seed):
+    rng = np.random.default_rng(seed)
+    query, cands = rng.normal(size=(200, 12)), rng.normal(size=(200, 15, 12))
+    cands[:, 0] += 0.8 * query                                    # targets a little closer than chance
+    ours, official = genecis_metrics(query, cands, dtype=torch.float64), official_genecis(query, cands)
+    for k in (1, 2, 3): assert ours[f"R@{k}"] == pytest.approx(100 * official[k], abs=1e-4)   # the official mean is float32
+    names = [[f"c{t}-{j}" for j in range(15)] for t in range(200)]
+    q = torch.nn.functional.normalize(torch.as_tensor(query), dim=-1); c = torch.nn.functional.normalize(torch.as_tensor(cands), dim=-1)
+    order = torch.einsum("td,tcd->tc", q, c).argsort(dim=1, descending=True)
+    ranked = [[names[t][j] for j in order[t].tolist()] for t in range(200)]
+    assert genecis_ranking_metrics(ranked, names) == pytest.approx(ours, abs=1e-9)

@@ -13,7 +13,8 @@ from spn4cir.synthetic import (CATEGORIES, SPLITS, SLOT_TEMPLATE, build_shapes_c
 TINY = dict(n_train_triplets=10, n_unlabeled=20, n_val=6, n_test=6, n_pretrain=8, n_duplicates=2, progress=False)
 
 def _files(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    "Every file's bytes except settings.json (it names the folder and the drawing processes)."
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "settings.json"}
 
 # ---------------------------------------------------------------- validate on the real annotation files
 
@@ -128,7 +129,7 @@ def test_metadata_slots_fill_the_vocab_template(tmp_path):
 def test_bad_arguments(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SpnError, match="exists and is not a folder"): write_shapes_cir(tmp_path / "file", "cirr", **TINY)
-    with pytest.raises(SpnError, match="fashioniq or cirr"): write_shapes_cir(tmp_path / "x", "jsonl", **TINY)
+    with pytest.raises(SpnError, match="format must be fashioniq, cirr, circo or genecis"): write_shapes_cir(tmp_path / "x", "jsonl", **TINY)
     with pytest.raises(SpnError, match="n_train_triplets must be an integer >= 1"): write_shapes_cir(tmp_path / "x", "cirr", **(TINY | {"n_train_triplets": 0}))
     with pytest.raises(SpnError, match="unknown format"): validate_dataset(tmp_path, "coco")
     assert not (tmp_path / "x").exists()
