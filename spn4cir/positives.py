@@ -141,7 +141,7 @@ def _unit_rows(features, # (N, D) torch tensor or numpy array
     x = x.to(device=x.device if device is None else pick_device(device), dtype=dtype)
     norms = torch.linalg.vector_norm(x, dim=1)                    # NaN or inf anywhere in a row shows in its norm
     if not torch.isfinite(norms).all(): raise SpnError("features hold NaN or infinite values")
-    if torch.allclose(norms, torch.ones_like(norms), atol=1e-5): return x    # already unit rows (embed_images output): no copy
+    if bool(((norms - 1).abs() <= 1e-5).all()): return x          # already unit rows (embed_images output): no copy
     return x / norms.clamp(min=1e-12)[:, None]
 
 def _prepare(n:int, references, window, k:int, groups):
@@ -223,49 +223,139 @@ def _sample_exact(features, references, window, k, groups, seed, keys:np.ndarray
     return targets
 
 # %% ../nbs/05_positives.ipynb #9cebb0ae
+def _top_values(scores:torch.Tensor, # (C, m) scores, -inf for masked entries
+                count:int # how many of each row's largest entries are wanted
+               ) -> torch.Tensor:
+    "`(C, w)`, `w >= count`: at least each row's `count` largest entries (padded with -inf), a full selection only for the few rows that need one."
+    c, m = scores.shape
+    pilot = m // 8                                                     # the sample's columns are in random order: any 1/8 is a subsample
+    expect = count * pilot / m
+    pilot_count = int(math.ceil(expect + 4 * math.sqrt(expect) + 4))  # 4 standard deviations below the count-th largest, in the pilot
+    if pilot < 256 or 4 * pilot_count > pilot: return scores.topk(count, dim=1, sorted=False).values
+    floor = scores[:, :pilot].topk(pilot_count, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    row, col = (scores >= floor).nonzero(as_tuple=True)                # about count + 4 sd entries per row, row by row
+    values, sizes = scores[row, col], torch.bincount(row, minlength=c)   # (a reduction over the boolean mask would cost more)
+    col = torch.arange(len(values), device=scores.device) - (sizes.cumsum(0) - sizes)[row]
+    out = torch.full((c, max(int(sizes.max()), count)), -torch.inf, dtype=scores.dtype, device=scores.device)
+    out[row, col] = values
+    short = (sizes < count).nonzero().squeeze(1)                       # the pilot guessed too high (rare): a full selection
+    if len(short): out[short] = torch.cat([scores[short].topk(count, dim=1, sorted=False).values,
+                                           out.new_full((len(short), out.shape[1] - count), -torch.inf)], dim=1)
+    return out
+
 def _order_statistics(scores:torch.Tensor, # (C, m) scores, -inf for masked entries
                       ranks:torch.Tensor, # (C, j) descending ranks among each row's unmasked entries
                       valid:torch.Tensor|None=None # (C,) unmasked entries per row, when known
                      ) -> torch.Tensor:
-    "`(C, j)` scores at the given descending ranks, by two partial selections (no sort of the rows)."
+    "`(C, j)` scores at the given descending ranks, by partial selections (no sort of the rows)."
     valid = ((scores > -torch.inf).sum(1) if valid is None else valid).reshape(-1, 1)
     from_top, from_bottom = int(ranks.max()) + 1, int((valid - ranks).max())
     if from_bottom < from_top:                                 # nearer the end: the same on the flipped scores
         flipped = torch.where(torch.isinf(scores), scores, -scores)
         return -_order_statistics(flipped, valid - 1 - ranks, valid)
-    top = scores.topk(from_top, dim=1, sorted=False).values                         # ranks 0 .. from_top - 1
+    top = _top_values(scores, from_top)                                              # ranks 0 .. from_top - 1 (and maybe more)
+    if top.shape[1] > from_top: return top.sort(dim=1, descending=True).values.gather(1, ranks)     # a few hundred per row
     width = from_top - int(ranks.min())
     ascending = top.topk(width, dim=1, largest=False, sorted=True).values           # column c holds rank from_top - 1 - c
     return ascending.gather(1, from_top - 1 - ranks)
 
-def _sample_quantile(scores:torch.Tensor, # (C, m) sample scores, -inf for masked entries
-                     valid:torch.Tensor, # (C,) unmasked entries per row
-                     rank:np.ndarray|int, # (C,) pool rank whose boundary score is wanted
-                     pools:np.ndarray # (C,) pool size per row
-                    ) -> torch.Tensor:
-    "Estimated score on the boundary between pool ranks `rank - 1` and `rank`, interpolated between sample order statistics."
-    device = scores.device
-    rank = torch.as_tensor(np.broadcast_to(rank, pools.shape).astype(np.float64), device=device)
-    pools, count = torch.as_tensor(pools, dtype=torch.float64, device=device), valid.to(torch.float64)
+def _quantile_ranks(rank:torch.Tensor, pools:torch.Tensor, valid:torch.Tensor):
+    "The two sample ranks around the boundary between pool ranks `rank - 1` and `rank`, and the interpolation weight."
+    count = valid.to(torch.float64)
     position = (rank * count / pools - 0.5).clamp(min=0).minimum(count - 1)
     low = position.floor().long()
-    high = (low + 1).minimum(valid.long() - 1)
-    weight = (position - low).unsqueeze(1).to(scores.dtype)
-    pair = _order_statistics(scores, torch.stack([low, high], dim=1), valid)
-    return ((1 - weight) * pair[:, :1] + weight * pair[:, 1:]).squeeze(1)
+    return low, (low + 1).minimum(valid.long() - 1), position - low
 
-def _reject(x:torch.Tensor, # (N, D) unit rows
-            refs:np.ndarray, # (C,) reference rows
+def _band(scores:torch.Tensor, # (C, m) sample scores, -inf for masked entries
+          valid:torch.Tensor, # (C,) unmasked entries per row
+          a:int, stops:np.ndarray, # the window's first rank, and its stop per reference (at most its pool)
+          pools:np.ndarray # (C,) pool size per row
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    "Estimated scores `(low, high)` at pool ranks `stop` and `a` (keep `low < score <= high`), interpolated sample order statistics, one selection."
+    dev = scores.device
+    pools_t, stops_t = torch.as_tensor(pools, dtype=torch.float64, device=dev), torch.as_tensor(stops, dtype=torch.float64, device=dev)
+    open_end = stops_t >= pools_t                                                   # the window runs to the end: no lower bound
+    ends = [_quantile_ranks(torch.full_like(pools_t, float(a)), pools_t, valid), _quantile_ranks(torch.where(open_end, float(a), stops_t), pools_t, valid)]
+    picked = _order_statistics(scores, torch.stack([r for end in ends for r in end[:2]], dim=1), valid)
+    high, low = ((1 - w.to(scores.dtype)) * picked[:, 2 * i] + w.to(scores.dtype) * picked[:, 2 * i + 1] for i, (_, _, w) in enumerate(ends))
+    return low.masked_fill(open_end, -torch.inf), high if a else torch.full_like(high, torch.inf)
+
+def _mask_own_groups(scores:torch.Tensor, # (C, m) sample scores, changed in place
+                     row_groups:torch.Tensor, # (C,) group of each reference
+                     sample_groups:tuple[torch.Tensor, torch.Tensor] # the sample's group ids sorted, and the columns in that order
+                    ) -> torch.Tensor:
+    "Set the sample columns of each reference's own group to -inf (a sparse scatter); return the unmasked count per row."
+    ordered, columns = sample_groups
+    lo, hi = torch.searchsorted(ordered, row_groups), torch.searchsorted(ordered, row_groups, right=True)
+    counts = hi - lo
+    row = torch.repeat_interleave(torch.arange(len(row_groups), device=scores.device), counts)
+    offset = torch.arange(len(row), device=scores.device) - (counts.cumsum(0) - counts)[row]
+    scores[row, columns[lo[row] + offset]] = -torch.inf
+    return scores.shape[1] - counts
+
+# %% ../nbs/05_positives.ipynb #53af57ac
+_BLOCK = 512          # references that share each round's candidates (fixed, so the pairs never depend on the chunk size)
+
+def _inside(x:torch.Tensor, refs:np.ndarray, cands:np.ndarray, groups:np.ndarray, band, rows:np.ndarray) -> np.ndarray:
+    "`(C', T)`: candidate inside the reference's band and outside its group, from one matrix product."
+    dev = x.device
+    scores = x[torch.as_tensor(refs, device=dev)] @ x[torch.as_tensor(cands, device=dev)].T                 # (C', T)
+    sel = torch.as_tensor(rows, device=dev)
+    ok = ((scores > band[0][sel, None]) & (scores <= band[1][sel, None])).cpu().numpy()
+    return ok & (groups[cands][None, :] != groups[refs][:, None])
+
+def _take_accepted(ok:np.ndarray, cands:np.ndarray, rows:np.ndarray, picks:np.ndarray, have:np.ndarray, draws:np.ndarray):
+    "Give each reference `rows[i]` up to `k - have` of its accepted candidates `ok[i]`, a uniform subset chosen by its own draws."
+    k = picks.shape[1]
+    counts, need = ok.sum(axis=1), k - have[rows]
+    r_idx, c_idx = np.nonzero(ok)                                       # accepted columns, row by row
+    starts = np.cumsum(counts) - counts
+    take = np.minimum(counts, need)
+    for want in np.unique(need):
+        full = np.nonzero((need == want) & (counts >= want))[0]         # enough: `want` distinct uniform offsets (Floyd)
+        if len(full):
+            cols = c_idx[starts[full][:, None] + _distinct_offsets(draws[full, :want], counts[full])]
+            picks[rows[full][:, None], have[rows[full]][:, None] + np.arange(want)] = cands[cols]
+    few = np.nonzero((counts > 0) & (counts < need))[0]                 # too few: all of them, the rest next round
+    if len(few):
+        row = np.repeat(few, counts[few])
+        j = np.arange(len(row)) - np.repeat(np.cumsum(counts[few]) - counts[few], counts[few])
+        picks[rows[row], have[rows[row]] + j] = cands[c_idx[starts[row] + j]]
+    have[rows] += take
+
+def _reject_shared(x:torch.Tensor, # (N, D) unit rows
+                   refs:np.ndarray, # (C,) reference rows
+                   positions:np.ndarray, # (C,) position of each reference in the whole list (its block and streams)
+                   groups:np.ndarray, # (N,) group ids
+                   k:int, seeds:tuple[np.uint64, np.uint64], # candidate stream (per block) and choice stream (per reference)
+                   band:tuple[torch.Tensor, torch.Tensor], # (low, high) per reference
+                   draws:int, max_rounds:int, stats:dict) -> np.ndarray:
+    "`(C, k)` distinct candidates per reference inside its band, from candidates its block of references shares; -1 where too few passed."
+    picks, have = np.full((len(refs), k), -1, dtype=np.int64), np.zeros(len(refs), dtype=np.int64)
+    blocks = positions // _BLOCK
+    for block in np.unique(blocks):
+        members = np.nonzero(blocks == block)[0]
+        for round_ in range(max_rounds):
+            active = members[have[members] < k]
+            if not len(active): break
+            stats["rounds"] = max(stats["rounds"], round_ + 1)
+            raw = _stream_draws(seeds[0], np.array([block], dtype=np.uint64), round_ * draws, draws)[0]
+            cands = np.unique(raw % np.uint64(len(x))).astype(np.int64)                            # (T,) distinct rows
+            stats["draws"] += len(active) * len(cands)
+            ok = _inside(x, refs[active], cands, groups, band, active)
+            if k > 1: ok &= ~(cands[None, :, None] == picks[active][:, None, :]).any(axis=2)       # distinct from earlier picks
+            _take_accepted(ok, cands, active, picks, have, _stream_draws(seeds[1], positions[active], round_ * k, k))
+    return picks
+
+def _reject(refs:np.ndarray, # (C,) reference rows
             keys:np.ndarray, # (C,) stream key of each reference
             groups:np.ndarray, # (N,) group ids (arange when no de-dup)
             k:int, seed:np.uint64,
-            band:tuple[torch.Tensor, torch.Tensor]|None, # (low, high) per reference: keep low < score <= high; None keeps all
             draws:int, # candidates drawn per reference and round
-            max_rounds:int, memory_mb:int, stats:dict) -> np.ndarray:
-    "`(C, k)` distinct accepted candidates per reference, in stream order; -1 where too few passed."
-    n = len(x)
+            max_rounds:int, stats:dict) -> np.ndarray:
+    "`(C, k)` distinct candidates per reference outside its group, in stream order; -1 where too few passed."
+    n = len(groups)
     picks, have = np.full((len(refs), k), -1, dtype=np.int64), np.zeros(len(refs), dtype=np.int64)
-    rows_per_batch = max(1, memory_mb * 2**20 // 2 // (draws * x.shape[1] * x.element_size()))
     for round_ in range(max_rounds):
         active = np.nonzero(have < k)[0]
         if not len(active): break
@@ -273,14 +363,6 @@ def _reject(x:torch.Tensor, # (N, D) unit rows
         cands = (_stream_draws(seed, keys[active], round_ * draws, draws) % np.uint64(n)).astype(np.int64)   # (C', T)
         stats["draws"] += cands.size
         ok = groups[cands] != groups[refs[active]][:, None]
-        if band is not None:
-            for s in range(0, len(active), rows_per_batch):
-                part = slice(s, s + rows_per_batch)
-                sel = torch.as_tensor(active[part], device=x.device)
-                cand_t = torch.as_tensor(cands[part], device=x.device)
-                scores = torch.einsum("cd,ctd->ct", x[torch.as_tensor(refs[active[part]], device=x.device)], x[cand_t])
-                inside = (scores > band[0][sel, None]) & (scores <= band[1][sel, None])
-                ok[part] &= inside.cpu().numpy()
         for _ in range(k):
             ok &= ~(cands[:, :, None] == picks[active][:, None, :]).any(axis=2)
             first = ok.argmax(axis=1)
@@ -293,15 +375,29 @@ def _reject(x:torch.Tensor, # (N, D) unit rows
 def _groups_or_rows(groups, n:int) -> np.ndarray:
     return np.arange(n) if groups is None else np.asarray(groups).reshape(-1)
 
+# %% ../nbs/05_positives.ipynb #57154e6b
+def _auto_sample_size(a:int, b:int, pool:int, n:int, share:float=0.955) -> int:
+    "Sample size whose threshold errors leave an expected `share` of the targets inside ranks `[a, b)` (an edge spills sigma / sqrt(2 pi) ranks)."
+    spread = sum(math.sqrt(q * (1 - q)) for q in (a / pool, b / pool) if 0 < q < 1)     # an edge at 0 or at the pool's end is exact
+    need = (pool * spread / (math.sqrt(2 * math.pi) * (b - a) * (1 - share))) ** 2
+    return int(min(n, max(1024, math.ceil(need))))
+
+def _approx_chunk(chunk_size:int|None, memory_mb:int, m:int, dim:int, draws:int) -> int:
+    "References per chunk: the `(C, m)` scores, their mask and selections (about 8 bytes per score) within what the fixed parts leave of `memory_mb`."
+    fixed = m * dim * 4 + _BLOCK * draws * 16                          # the sample's rows; one block's candidate scores and masks
+    if chunk_size is None and fixed >= memory_mb * 2**20:
+        raise SpnError(f"memory_mb={memory_mb} is too small for sample_size {m} at dim {dim} (needs more than {fixed / 2**20:.0f} MB)")
+    return _auto_chunk(chunk_size, max(1, memory_mb - fixed // 2**20), m * 8 + dim * 4)
+
 def sample_approx(features, # (N, D) image embeddings (normalised here)
                   references, # (R,) reference rows
                   window, # 'A:B', '0.2:0.5', a pair or a `Window`
                   k:int=1, # distinct targets per reference
                   groups=None, # (N,) de-dup group per row; None: every image unique
                   seed:int=0, # same seed, same pairs, whatever the chunk size
-                  sample_size:int=16384, # m, candidates sampled to locate the window (accuracy grows with m)
+                  sample_size:int|None=None, # m, candidates sampled to locate the window; None: enough for about 96% of targets inside
                   chunk_size:int|None=None, # references processed at once; None: from `memory_mb`
-                  memory_mb:int=1024, # working memory for one chunk
+                  memory_mb:int=1024, # working memory of the sampler (besides the features)
                   max_rounds:int=32, # rejection rounds before a reference falls back to exact search
                   device=None, # None: where the features are
                   progress:bool=True # show a progress bar
@@ -311,29 +407,25 @@ def sample_approx(features, # (N, D) image embeddings (normalised here)
     n = len(x)
     refs, excluded, pools, (a, b) = _prepare(n, references, window, k, groups)
     group_ids = _groups_or_rows(groups, n)
-    m = min(int(sample_size), n)
+    m = min(int(sample_size), n) if sample_size is not None else _auto_sample_size(a, b, int(pools.max()), n)
     if m < 2: raise SpnError(f"sample_size must be at least 2, got {sample_size}")
-    sample = np.sort(np.random.default_rng(int(_purpose_seed(seed, "approx-sample"))).choice(n, m, replace=False))
-    x_sample, sample_groups = x[torch.as_tensor(sample, device=x.device)], torch.as_tensor(group_ids[sample], device=x.device)
-    acceptance = (b - a) / n
-    draws = int(min(4096, max(16, math.ceil(2 * k / acceptance) + 8)))
+    sample = np.random.default_rng(int(_purpose_seed(seed, "approx-sample"))).choice(n, m, replace=False)     # in random order
+    x_sample = x[torch.as_tensor(sample, device=x.device)]
+    sample_groups = torch.as_tensor(group_ids[sample], device=x.device).sort()
+    draws = int(min(n, 8192, max(256, math.ceil(4 * k * n / (b - a)))))       # about 4k accepted per reference and round
     stats = {"sample_size": m, "draws_per_round": draws, "rounds": 0, "draws": 0, "exact_fallback": 0}
     targets = np.empty((len(refs), k), dtype=np.int64)
-    stream_seed = _purpose_seed(seed, "approx-candidates")
-    chunk = _auto_chunk(chunk_size, memory_mb, m * 16 + draws * 16)
+    seeds = (_purpose_seed(seed, "approx-shared-candidates"), _purpose_seed(seed, "approx-choice"))
+    stats["chunk"] = chunk = _approx_chunk(chunk_size, memory_mb, m, x.shape[1], draws)
     with tqdm(total=len(refs), desc="approximate window sampling", unit="ref", disable=not progress) as bar:
         for start in range(0, len(refs), chunk):
             stop = min(start + chunk, len(refs))
             rows, chunk_pools = refs[start:stop], pools[start:stop]
-            scores = x[torch.as_tensor(rows, device=x.device)] @ x_sample.T                        # (C, m)
-            same = sample_groups[None, :] == torch.as_tensor(group_ids[rows], device=x.device)[:, None]
-            scores.masked_fill_(same, -torch.inf)
-            valid = (~same).sum(1)
-            high = torch.full((len(rows),), torch.inf, device=x.device) if a == 0 else _sample_quantile(scores, valid, a, chunk_pools)
-            chunk_stops = np.minimum(b, chunk_pools)
-            low = _sample_quantile(scores, valid, chunk_stops, chunk_pools)
-            low = torch.where(torch.as_tensor(chunk_stops >= chunk_pools, device=x.device), -torch.inf, low)
-            picks = _reject(x, rows, np.arange(start, stop), group_ids, k, stream_seed, (low, high), draws, max_rounds, memory_mb, stats)
+            scores = x[torch.as_tensor(rows, device=x.device)] @ x_sample.T                        # (C, m): the one large product
+            valid = _mask_own_groups(scores, torch.as_tensor(group_ids[rows], device=x.device), sample_groups)
+            band = _band(scores, valid, a, np.minimum(b, chunk_pools), chunk_pools)
+            del scores
+            picks = _reject_shared(x, rows, np.arange(start, stop), group_ids, k, seeds, band, draws, max_rounds, stats)
             missing = np.nonzero((picks < 0).any(axis=1))[0]
             if len(missing):
                 stats["exact_fallback"] += len(missing)
@@ -353,8 +445,7 @@ def sample_uniform(n:int, # N, the number of images
     refs, excluded, pools, _ = _prepare(n, references, Window(0, None), k, groups)
     group_ids = _groups_or_rows(groups, n)
     stats = {"rounds": 0, "draws": 0}
-    picks = _reject(torch.empty(n, 1), refs, np.arange(len(refs)), group_ids, k, _purpose_seed(seed, "uniform"),
-                    None, k + 8, 64, 64, stats)
+    picks = _reject(refs, np.arange(len(refs)), group_ids, k, _purpose_seed(seed, "uniform"), k + 8, 64, stats)
     rng = np.random.default_rng(int(_purpose_seed(seed, "uniform-fallback")))
     for i in np.nonzero((picks < 0).any(axis=1))[0]:          # k close to the pool: draw from the explicit list
         allowed = np.setdiff1d(np.arange(n), excluded[i][excluded[i] >= 0])
@@ -415,9 +506,10 @@ def embed_images(model, # a `CIRModel` (its `image_transform` and `encode_images
     names = list(images)
     if not names: raise SpnError("no images to embed")
     paths = {n: Path(images[n]) for n in names}
-    key = stable_hash("spn4cir.positives.embed_images/1", image_fingerprint(model, kind), file_stamps(paths))
-    final = partial = None
-    if cache_dir is not None:
+    stamps = file_stamps(paths)                                      # every image must exist, cache or not
+    final = partial = key = None
+    if cache_dir is not None:                                         # the key hashes the image tower: only a cache needs it
+        key = stable_hash("spn4cir.positives.embed_images/1", image_fingerprint(model, kind), stamps)
         cache_dir = Path(cache_dir); final, partial = cache_dir/f"images-{key}.safetensors", cache_dir/f"images-{key}.partial.safetensors"
         meta = cache_dir/f"images-{key}.json"
         cached = read_cached_features(final, key, len(names)) if meta.is_file() else None

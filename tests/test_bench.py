@@ -28,9 +28,17 @@ def test_fresh_process_peak_ignores_the_parent():
 @pytest.mark.parametrize("method", ["dense", "exact", "approx"])
 def test_sampling_pieces_land_in_the_window(method):
     r = _sampling_piece(method=method, n=1500, dim=16, window="100:200", n_check=50)      # in this process: only the ranks matter here
-    assert r["references"] == 1500 and r["seconds"] > 0 and r["peak_rss_gb"] > 0
+    assert r["references"] == 1500 and r["seconds"] > 0 and r["sampler_peak_gb"] > 0
     share = r["inside"] / r["checked_targets"]
     assert share == 1.0 if method != "approx" else share > 0.8
+    if method == "approx": assert r["gemm_seconds"] > 0 and r["stats"]["chunk"] >= 1
+
+
+def test_approximate_sampler_stays_within_its_memory_budget():
+    "Peak resident memory of a fresh process, less what it held before sampling (imports, features), stays under memory_mb (128 MB)."
+    r = in_fresh_process("_sampling_piece", method="approx", n=200_000, dim=64, window="2000:4000", references=3000, memory_mb=128)
+    working = r["sampler_peak_gb"] - r["before_gb"]
+    assert r["stats"]["chunk"] < 3000 and working * 1024 <= 128, (working, r["stats"])   # several chunks, and the budget holds
 
 
 def test_unknown_benchmark_refused(tmp_path):
@@ -39,7 +47,7 @@ def test_unknown_benchmark_refused(tmp_path):
 
 
 def test_quick_run_writes_the_report(tmp_path):
-    names = ["stage2_step", "stage2_epoch", "extraction", "retrieval", "captioning"]
+    names = ["stage2_step", "bank_logits", "stage2_epoch", "extraction", "retrieval", "captioning"]
     summary = run_bench(tmp_path, quick=True, only=names)
     assert summary["failed"] == [] and summary["benchmarks"] == names
     report = read_json(tmp_path / "bench.json")
