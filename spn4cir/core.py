@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #48f91bad
 from __future__ import annotations
-import contextlib, dataclasses, fcntl, hashlib, json, math, os, random, tempfile
+import contextlib, dataclasses, fcntl, hashlib, json, math, os, random, tempfile, types, typing
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator
 
@@ -14,8 +14,8 @@ import torch
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'SpnError', 'seed_everything', 'pick_device', 'pick_precision', 'autocast', 'atomic_write',
            'atomic_save', 'read_json', 'write_json', 'read_jsonl', 'append_jsonl', 'write_jsonl', 'resolve_inside',
-           'stable_hash', 'Config', 'settings_path', 'write_settings', 'read_settings', 'check_number', 'lock_path',
-           'output_lock']
+           'stable_hash', 'Config', 'settings_path', 'write_settings', 'read_settings', 'check_number', 'check_choices',
+           'lock_path', 'output_lock']
 
 # %% ../nbs/00_core.ipynb #95ce2f0e
 class SpnError(ValueError):
@@ -254,6 +254,17 @@ def check_number(config:Config, # the settings
     if bad:
         bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
         raise SpnError(f"{name} must be a finite number{bound}, got {value!r}")
+
+# %% ../nbs/00_core.ipynb #fa60e1f7
+def check_choices(config:Config): # the settings
+    "Raise `SpnError` naming the field when a `typing.Literal` field holds a value outside its choices."
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        kind, value = hints[f.name], getattr(config, f.name)
+        args = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        choices = [c for a in args if typing.get_origin(a) is typing.Literal for c in typing.get_args(a)]
+        if not choices or value in choices or (value is None and type(None) in args): continue
+        raise SpnError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 # %% ../nbs/00_core.ipynb #f450ba12
 def lock_path(out:str|os.PathLike # a job's output, file or folder
