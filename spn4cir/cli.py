@@ -383,7 +383,7 @@ def error_line(e:BaseException, # what a job raised
     "The one-line message `main` prints for `e`, or None for an error that is a bug."
     if isinstance(e, SpnError): return f"error: {e}"
     if isinstance(e, OSError):
-        where = e.filename if e.filename is not None else out
+        where = next((w for w in (e.filename2, e.filename, out) if w is not None), None)   # a rename names its target second
         return f"error: {'' if where is None else f'{where}: '}{e.strerror or e}; {_OS_ADVICE.get(e.errno, 'check the path, then run again')}"
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     if isinstance(e, torch.cuda.OutOfMemoryError): return f"error: the device ran out of memory ({first}): lower --batch-size, or pass --device cpu"
