@@ -18,7 +18,7 @@ from .core import SpnError, atomic_write, read_json, write_json
 __all__ = ['PREDICTIONS', 'BENCHMARKS', 'quantity', 'figure', 'machine_info', 'peak_rss_gb', 'in_fresh_process', 'Timer',
            'bench_stage2_step', 'bench_bank_logits', 'bench_stage2_epoch', 'clustered_features',
            'dense_reference_sampling', 'bench_sampling', 'bench_extraction', 'bench_retrieval', 'bench_captioning',
-           'bench_markdown', 'run_bench']
+           'bench_markdown', 'run_bench', 'BenchConfig']
 
 # %% ../nbs/12_bench.ipynb #a0711ccb
 def quantity(what:str, # what was measured
@@ -503,16 +503,12 @@ def bench_markdown(report:dict # the `bench.json` dictionary
                          f"{_number(f['ratio'])} | {target} | {passed} | {f['prediction']} | `{b['command']}` |")
     return "\n".join(lines) + "\n"
 
-def run_bench(out:str|os.PathLike="runs/bench", # folder for bench.json and bench.md
-              quick:bool=False, # small sizes and tiny models (CI), not the claims
-              only:list[str]|None=None, # run only these benchmarks (names of `BENCHMARKS`)
-              device:str="cpu" # where the models run ('cpu' is what the targets are stated for)
+def run_bench(config:BenchConfig|None=None # what to run and where to write it (None: the defaults)
              ) -> dict:
     "Run the benchmarks, write OUT/bench.json and OUT/bench.md, return a summary."
-    names = list(BENCHMARKS) if not only else list(only)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown: raise SpnError(f"unknown benchmark {unknown[0]!r}, use some of {', '.join(BENCHMARKS)}")
-    out = Path(out)
+    config = config or BenchConfig()
+    quick, device, out = config.quick, config.device, Path(config.out)
+    names = list(config.only or BENCHMARKS)
     report = {"version": 1, "quick": quick, "machine": machine_info(device), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "memory_method": "peak resident set (VmHWM) of a fresh spawn process that runs only the measured piece",
               "benchmarks": {}}
@@ -530,8 +526,27 @@ def run_bench(out:str|os.PathLike="runs/bench", # folder for bench.json and benc
     report |= {"seconds": round(time.perf_counter() - started, 2), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
     write_json(out / "bench.json", report)
     with atomic_write(out / "bench.md") as f: f.write(bench_markdown(report))
+    write_settings(config, out)
     figures = [f for b in report["benchmarks"].values() for f in b.get("figures", [])]
     return {"out": str(out), "seconds": report["seconds"], "benchmarks": names,
             "failed": [n for n, b in report["benchmarks"].items() if "error" in b],
             "targets_missed": [f["name"] for f in figures if f["passed"] is False],
             "figures": {f["name"]: round(f["ratio"], 4) for f in figures}}
+
+# %% ../nbs/12_bench.ipynb #981dc1be
+import dataclasses
+from typing import ClassVar
+from .core import Config, write_settings
+
+@dataclasses.dataclass
+class BenchConfig(Config):
+    "Settings of `run_bench`, the `spn4cir bench` job."
+    out:str="runs/bench" # folder for bench.json and bench.md
+    quick:bool=False # small sizes and tiny models (CI), not the claims
+    only:list[str]|None=None # run only these benchmarks (names as in bench.json)
+    device:str="cpu" # where the models run ('cpu' is what the targets are stated for)
+    job:ClassVar[str] = "bench"
+
+    def check(self):
+        unknown = [n for n in self.only or () if n not in BENCHMARKS]
+        if unknown: raise SpnError(f"only: unknown benchmark {unknown[0]!r}, use some of {', '.join(BENCHMARKS)}")

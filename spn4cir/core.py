@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #48f91bad
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, json, math, os, random, tempfile
+import contextlib, dataclasses, fcntl, hashlib, json, math, os, random, tempfile, types, typing
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator
 
@@ -14,7 +14,8 @@ import torch
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'SpnError', 'seed_everything', 'pick_device', 'pick_precision', 'autocast', 'atomic_write',
            'atomic_save', 'read_json', 'write_json', 'read_jsonl', 'append_jsonl', 'write_jsonl', 'resolve_inside',
-           'stable_hash', 'Config', 'settings_path', 'write_settings', 'read_settings', 'check_number']
+           'stable_hash', 'Config', 'settings_path', 'write_settings', 'read_settings', 'check_number', 'check_choices',
+           'lock_path', 'output_lock']
 
 # %% ../nbs/00_core.ipynb #95ce2f0e
 class SpnError(ValueError):
@@ -34,11 +35,24 @@ def seed_everything(seed:int=0): # the seed for python, numpy and torch
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 # %% ../nbs/00_core.ipynb #5fae2d05
-def pick_device(device:str|torch.device|None=None # 'cpu', 'cuda', 'cuda:1', or None for automatic
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+def pick_device(device:str|torch.device|None=None # 'cpu', 'cuda', 'cuda:1', 'mps', or None for automatic
                ) -> torch.device:
-    "The device to run on: the one asked for, else CUDA when present, else CPU."
-    if device is not None: return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    "The device to run on: the one asked for (refused with `SpnError` when absent), else CUDA when present, else CPU."
+    if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError): dev = None
+    if dev is None or dev.type not in _DEVICE_TYPES:
+        raise SpnError(f"unknown device {str(device)!r}: pass 'cpu', 'cuda', 'cuda:N' or 'mps' (--device cpu on the command line)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpnError(f"device {str(device)!r} asked for, but CUDA is not available on this machine: pass 'cpu' (--device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SpnError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                       f"pass 'cuda:0' .. 'cuda:{torch.cuda.device_count() - 1}' or 'cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SpnError(f"device {str(device)!r} asked for, but MPS is not available on this machine: pass 'cpu' (--device cpu)")
+    return dev
 
 def pick_precision(device:torch.device, # the device that will run the computation
                    precision:str|None=None # 'fp32', 'bf16', 'fp16', or None for automatic
@@ -240,3 +254,38 @@ def check_number(config:Config, # the settings
     if bad:
         bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
         raise SpnError(f"{name} must be a finite number{bound}, got {value!r}")
+
+# %% ../nbs/00_core.ipynb #fa60e1f7
+def check_choices(config:Config): # the settings
+    "Raise `SpnError` naming the field when a `typing.Literal` field holds a value outside its choices."
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        kind, value = hints[f.name], getattr(config, f.name)
+        args = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        choices = [c for a in args if typing.get_origin(a) is typing.Literal for c in typing.get_args(a)]
+        if not choices or value in choices or (value is None and type(None) in args): continue
+        raise SpnError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+# %% ../nbs/00_core.ipynb #f450ba12
+def lock_path(out:str|os.PathLike # a job's output, file or folder
+             ) -> Path:
+    "The lock file of output `out`: `.NAME.lock` beside it."
+    out = Path(os.path.abspath(out))
+    return out.with_name(f".{out.name}.lock")
+
+@contextlib.contextmanager
+def output_lock(out:str|os.PathLike # the output a job is about to write
+               ) -> Iterator[Path]:
+    "Hold an exclusive lock on `out` for the block; a second holder is refused with `SpnError` naming the first's pid."
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise SpnError(f"another run (pid {holder}) is writing this output; wait for it to end or choose another output "
+                           f"(lock {path.name})", out) from None
+        os.ftruncate(fd, 0); os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally: os.close(fd)

@@ -4,14 +4,15 @@
 
 # %% ../nbs/10_pipeline.ipynb #1345eec8
 from __future__ import annotations
-import copy, json, os, shutil, sys, time
+import copy, dataclasses, json, os, shutil, sys, time
 from pathlib import Path
+from typing import ClassVar, Literal
 
-from .core import SpnError, atomic_write, read_json, seed_everything, write_json
+from .core import Config, SpnError, atomic_write, check_choices, read_json, seed_everything, write_json, write_settings
 
 # %% auto #0
-__all__ = ['DEMO_ROWS', 'DEMO_SIZES', 'DEMO_SETTINGS', 'demo_settings', 'run_step', 'report_table', 'plot_ablation', 'run_demo',
-           'show_report']
+__all__ = ['DEMO_ROWS', 'DEMO_SIZES', 'DEMO_SETTINGS', 'demo_settings', 'run_step', 'report_table', 'plot_ablation', 'DemoConfig',
+           'run_demo', 'show_report']
 
 # %% ../nbs/10_pipeline.ipynb #fed8e8b9
 DEMO_ROWS = (  # name, then whether it uses stage 1, generated positives, the stage-2 bank
@@ -149,15 +150,26 @@ def _history_files(out:Path) -> dict[str, Path]:
         if file.is_file(): found[name] = file
     return found
 
+# %% ../nbs/10_pipeline.ipynb #3ad29b23
+@dataclasses.dataclass
+class DemoConfig(Config):
+    "Settings of `run_demo`, the `spn4cir demo` job."
+    out:str="runs/demo" # folder for the data, the runs, the report and the plots
+    quick:bool=False # the quick sizes (a few minutes on 2 CPU cores)
+    seed:int=0 # everything follows from it
+    format:Literal["cirr", "fashioniq"]="cirr" # Shapes-CIR layout: 'cirr' (reports Recall_subset too) or 'fashioniq'
+    device:str|None=None # cpu, cuda, cuda:1 (None: CUDA when present)
+    precision:Literal["fp32", "bf16", "fp16"]|None=None # autocast dtype (None: bf16/fp16 on CUDA, fp32 on CPU)
+    overrides:dict|None=None # {section: {key: value}} replacing demo settings (a JSON object on the command line)
+    plots:bool=True # write the PNG plots
+    job:ClassVar[str] = "demo"
+
+    def check(self):
+        check_choices(self)
+        demo_settings(self.quick, self.overrides)   # an unknown section or key is refused before anything runs
+
 # %% ../nbs/10_pipeline.ipynb #157148d0
-def run_demo(out:str|os.PathLike="runs/demo", # folder for the data, the runs, the report and the plots
-             quick:bool=False, # the quick sizes (a few minutes on 2 CPU cores)
-             seed:int=0, # everything follows from it
-             format:str="cirr", # Shapes-CIR layout: 'cirr' (reports Recall_subset too) or 'fashioniq'
-             device:str|None=None, # default: CUDA when present
-             precision:str|None=None, # default: bf16/fp16 on CUDA, fp32 on CPU
-             overrides:dict|None=None, # {section: {key: value}} replacing demo settings
-             plots:bool=True, # write the PNG plots
+def run_demo(config:DemoConfig|None=None, # the demo's settings (None: the defaults)
              log=None # a print-like function for progress lines (default: print to stderr)
             ) -> dict:
     "Run the SPN ablation on Shapes-CIR end to end and write report.json, report.md and plots into `out`."
@@ -166,10 +178,12 @@ def run_demo(out:str|os.PathLike="runs/demo", # folder for the data, the runs, t
     from spn4cir.caption import caption_dataset, slot_accuracy
     from spn4cir.positives import generate_positives
     from spn4cir.evaluate import evaluate_model, headline_score
-    if format not in ("cirr", "fashioniq"): raise SpnError(f"the demo runs Shapes-CIR in the 'cirr' or 'fashioniq' layout, not {format!r}")
+    config = config or DemoConfig()
+    out, quick, seed, format, device, precision = (getattr(config, k) for k in ("out", "quick", "seed", "format", "device", "precision"))
     log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
     out = Path(out).absolute(); out.mkdir(parents=True, exist_ok=True)
-    settings = demo_settings(quick, overrides)
+    write_settings(config, out)
+    settings = demo_settings(quick, config.overrides)
     data, pretrained, captions, extra = out / "data", out / "pretrained", out / "captions.jsonl", out / "positives.json"
     test_split = SPLITS[format][-1]
     base = {"seed": seed, "format": format}
@@ -208,7 +222,7 @@ def run_demo(out:str|os.PathLike="runs/demo", # folder for the data, the runs, t
               "data": {k: steps["data"]["result"].get(k) for k in ("splits", "images", "seconds") if k in steps["data"]["result"]},
               "caption_slot_accuracy": steps["caption"]["result"].get("slot_accuracy"),
               "positives": {k: steps["positives"]["result"].get(k) for k in ("triplets", "templates", "window", "rank_check")}}
-    paths = _write_plots(out, rows, format, data, test_split, device, log) if plots else {}
+    paths = _write_plots(out, rows, format, data, test_split, device, log) if config.plots else {}
     report["plots"] = {k: str(Path(v).relative_to(out)) for k, v in paths.items()}
     report["seconds"] = round(sum(v["seconds"] for v in steps.values()) + sum(r["seconds"] for r in rows), 1)   # what the results cost
     report["call_seconds"] = round(time.perf_counter() - started, 1)                                            # this call (reused steps are free)
@@ -223,12 +237,13 @@ def run_demo(out:str|os.PathLike="runs/demo", # folder for the data, the runs, t
 def _write_plots(out:Path, rows:list[dict], format:str, data:Path, split:str, device, log) -> dict[str, Path]:
     "The ablation bars, the training curves and SPN's embedding space, gallery and score margins against +P."
     import matplotlib.pyplot as plt
-    from spn4cir.visualize import plot_training_curves, visualize_model
+    from spn4cir.visualize import VizConfig, plot_training_curves, visualize_model
     paths = {"ablation": out / "ablation.png", "training_curves": out / "training_curves.png"}
     plt.close(plot_ablation(rows, format, title=f"Shapes-CIR ({format} layout), {split} split", path=paths["ablation"]))
     plt.close(plot_training_curves({k: str(v) for k, v in _history_files(out).items()}, title="validation score per epoch",
                                    path=paths["training_curves"]))
-    viz = visualize_model(data, format, out / "runs" / "SPN", out / "viz", split=split, compare=out / "runs" / "P", device=device, progress=False)
+    viz = visualize_model(VizConfig(str(data), format, str(out / "runs" / "SPN"), str(out / "viz"), split=split, compare=str(out / "runs" / "P"),
+                                    device=device), progress=False)
     plt.close("all")
     log("plots written")
     return paths | {k: Path(v) for k, v in viz.items()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools, html, io, math, os, textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import seaborn as sns
@@ -19,7 +19,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Patch
 from matplotlib.ticker import MaxNLocator
 
-from .core import SpnError, atomic_save, autocast, pick_device, pick_precision, read_jsonl
+from .core import (Config, SpnError, atomic_save, autocast, check_choices, check_number, pick_device, pick_precision,
+                          read_jsonl, write_settings)
 from .data import ImageDataset, Split, load_dataset, load_image
 from .evaluate import encode_images, query_text
 
@@ -27,7 +28,7 @@ from .evaluate import encode_images, query_text
 __all__ = ['METADATA_FILE', 'PROJECTIONS', 'GREEN', 'LOSS_KEYS', 'HEADLINE_METRICS', 'save_figure', 'SplitEmbeddings',
            'embed_split', 'read_image_attributes', 'top_results', 'score_margins', 'project_2d', 'plot_embedding_space',
            'plot_retrieval_gallery', 'plot_score_distributions', 'compose_query', 'retrieval_explorer', 'read_history',
-           'plot_training_curves', 'visualize_model']
+           'plot_training_curves', 'VizConfig', 'visualize_model']
 
 # %% ../nbs/09_visualization.ipynb #93cecbca
 class _ShowableFigure(Figure):
@@ -635,9 +636,36 @@ def plot_training_curves(histories, # a history file, a list of them, or {label:
     if path is not None: save_figure(fig, path)
     return fig
 
+# %% ../nbs/09_visualization.ipynb #02782600
+@dataclass
+class VizConfig(Config):
+    "Settings of `visualize_model`, the `spn4cir viz` job."
+    data:str # dataset folder (official FashionIQ / CIRR layout, or jsonl)
+    format:Literal["fashioniq", "cirr", "jsonl"] # annotation format
+    model:str # checkpoint folder or open_clip NAME[:PRETRAINED]
+    out:str # folder for the PNGs (created)
+    split:str="val" # the split to show
+    compare:str|None=None # a second checkpoint, drawn first as 'before'
+    history:list[str]|None=None # metrics-history JSONL files for training curves
+    categories:list[str]|None=None # FashionIQ categories (None: all)
+    colour_by:str|None=None # 'category', a metadata.jsonl attribute or 'none' (None: automatic)
+    n_queries:int=4 # queries in the galleries
+    k:int=5 # results per gallery row
+    method:Literal["pca", "tsne", "umap"]="pca" # 2-D projection of the embeddings
+    max_queries:int|None=1000 # queries encoded at most (a seeded subset)
+    batch_size:int=64 # images or texts per forward pass
+    workers:int|None=None # data-loader workers (None: automatic)
+    device:str|None=None # cpu, cuda, cuda:1 (None: CUDA when present)
+    seed:int=0 # query subset, gallery queries and subsampling
+    job:ClassVar[str] = "viz"
+
+    def check(self):
+        check_choices(self)
+        for name in ("n_queries", "k", "batch_size"): check_number(self, name, 1)
+        check_number(self, "max_queries", 1, optional=True); check_number(self, "workers", 0, optional=True)
+
 # %% ../nbs/09_visualization.ipynb #6b7d7872
-def _model_label(spec, fallback:str) -> str:
-    if isinstance(spec, torch.nn.Module): return fallback
+def _model_label(spec:str) -> str:
     path = Path(str(spec))
     return path.name if path.is_dir() else str(spec)
 
@@ -653,51 +681,36 @@ def _resolve_colours(colour_by:str|None, emb:SplitEmbeddings, attributes:dict[st
     if colour_by not in known: raise SpnError(f"unknown colour_by {colour_by!r}; {METADATA_FILE} has {', '.join(known)} (or 'category', 'none')", data)
     return {name: a.get(colour_by, "unknown") for name, a in attributes.items()}
 
-def visualize_model(data:str|os.PathLike, # dataset root
-                    format:str, # 'fashioniq', 'cirr' or 'jsonl'
-                    model, # checkpoint folder, open_clip spec, or a `CIRModel`
-                    out:str|os.PathLike, # folder for the PNGs (created)
-                    split:str="val", # the split to show
-                    compare=None, # a second model (checkpoint, spec or `CIRModel`), drawn first as 'before'
-                    history:str|os.PathLike|Sequence|None=None, # metrics-history JSONL file(s) for training curves
-                    categories:Sequence[str]|None=None, # FashionIQ categories (None: all)
-                    colour_by:str|None=None, # 'category', a metadata.jsonl attribute, 'none'; None: automatic
-                    n_queries:int=4, # queries in the galleries
-                    k:int=5, # results per gallery row
-                    method:str="pca", # embedding projection: 'pca', 'tsne', 'umap'
-                    max_queries:int|None=1000, # queries encoded at most (seeded subset)
-                    batch_size:int=64, # images or texts per forward pass
-                    workers:int|None=None, # data-loader workers (None: automatic)
-                    device:str|None=None, # None: CUDA when present, else CPU
-                    seed:int=0, # query subset, gallery queries and subsampling
+# %% ../nbs/09_visualization.ipynb #2a031238
+def visualize_model(config:VizConfig, # what to draw, from which model and data
                     progress:bool=True # show progress bars
                    ) -> dict[str, Path]:
-    "Write the embedding-space, gallery, score-distribution (and training-curve) PNGs of a model on a split."
+    "Write the embedding-space, gallery, score-distribution (and training-curve) PNGs of a model on a split, and settings.json."
     from spn4cir.models import load_model
-    out = Path(out)
-    splits = load_dataset(data, format, split, categories)
-    device = pick_device(device)
-    specs = ([(compare, _model_label(compare, "compare"))] if compare is not None else []) + [(model, _model_label(model, "model"))]
+    c, out = config, Path(config.out)
+    splits = load_dataset(c.data, c.format, c.split, c.categories)
+    device = pick_device(c.device)
+    specs = ([(c.compare, _model_label(c.compare))] if c.compare is not None else []) + [(c.model, _model_label(c.model))]
     if len(specs) == 2 and specs[0][1] == specs[1][1]: specs = [(specs[0][0], f"{specs[0][1]} (compare)"), specs[1]]
-    stages = []
-    for spec, label in specs:
-        net = spec if isinstance(spec, torch.nn.Module) else load_model(spec, device=device)
-        stages.append(embed_split(net, splits, label, max_queries, seed, batch_size, device, workers=workers, progress=progress))
+    stages = [embed_split(load_model(spec, device=device), splits, label, c.max_queries, c.seed, c.batch_size, device,
+                          workers=c.workers, progress=progress) for spec, label in specs]
     main = stages[-1]
-    colours = _resolve_colours(colour_by, main, read_image_attributes(data), data)
-    name = f"{Path(data).name} {split}"
+    colours = _resolve_colours(c.colour_by, main, read_image_attributes(c.data), c.data)
+    name = f"{Path(c.data).name} {c.split}"
     paths = {"embedding_space": out/"embedding_space.png", "retrieval_gallery": out/"retrieval_gallery.png",
              "score_distributions": out/"score_distributions.png"}
-    plot_embedding_space(stages, colour_by=colours, method=method, seed=seed, title=f"{name}: queries, targets and gallery images ({method.upper()})",
-                         path=paths["embedding_space"])
-    queries = _pick_queries(main, n_queries, seed)
-    plot_retrieval_gallery(main, queries, k, path=paths["retrieval_gallery"], title=f"{name}, {main.label}: top-{k} results, the true target framed in green")
-    if compare is not None:
+    plot_embedding_space(stages, colour_by=colours, method=c.method, seed=c.seed,
+                         title=f"{name}: queries, targets and gallery images ({c.method.upper()})", path=paths["embedding_space"])
+    queries = _pick_queries(main, c.n_queries, c.seed)
+    plot_retrieval_gallery(main, queries, c.k, path=paths["retrieval_gallery"],
+                           title=f"{name}, {main.label}: top-{c.k} results, the true target framed in green")
+    if c.compare is not None:
         paths["retrieval_gallery_compare"] = out/"retrieval_gallery_compare.png"
-        plot_retrieval_gallery(stages[0], queries, k, path=paths["retrieval_gallery_compare"],
-                               title=f"{name}, {stages[0].label}: top-{k} results, the true target framed in green")
+        plot_retrieval_gallery(stages[0], queries, c.k, path=paths["retrieval_gallery_compare"],
+                               title=f"{name}, {stages[0].label}: top-{c.k} results, the true target framed in green")
     plot_score_distributions(stages, title=f"{name}: score distributions per query", path=paths["score_distributions"])
-    if history:
+    if c.history:
         paths["training_curves"] = out/"training_curves.png"
-        plot_training_curves(history, path=paths["training_curves"])
+        plot_training_curves(c.history, path=paths["training_curves"])
+    write_settings(config, out)
     return paths

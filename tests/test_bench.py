@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from spn4cir.bench import BENCHMARKS, _sampling_piece, figure, in_fresh_process, quantity, run_bench
+from spn4cir.bench import BENCHMARKS, BenchConfig, _sampling_piece, figure, in_fresh_process, quantity, run_bench
 from spn4cir.core import SpnError, read_json
 
 
@@ -42,13 +42,13 @@ def test_approximate_sampler_stays_within_its_memory_budget():
 
 
 def test_unknown_benchmark_refused(tmp_path):
-    with pytest.raises(SpnError, match="unknown benchmark"): run_bench(tmp_path, only=["nope"])
+    with pytest.raises(SpnError, match="unknown benchmark"): run_bench(BenchConfig(tmp_path, only=["nope"]))
     assert not (tmp_path / "bench.json").exists()
 
 
 def test_quick_run_writes_the_report(tmp_path):
     names = ["stage2_step", "bank_logits", "stage2_epoch", "extraction", "retrieval", "captioning"]
-    summary = run_bench(tmp_path, quick=True, only=names)
+    summary = run_bench(BenchConfig(tmp_path, quick=True, only=names))
     assert summary["failed"] == [] and summary["benchmarks"] == names
     report = read_json(tmp_path / "bench.json")
     m = report["machine"]

@@ -1,4 +1,4 @@
-import json, shutil, subprocess, sys
+import json, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -68,3 +68,65 @@ def test_bad_dataset_exits_2_with_the_file_named(shapes, tmp_path):
     (broken / "captions" / "cap.rc2.val.json").write_text("[{\"pairid\": 1}]")
     out = run_cli("validate", "--data", broken, "--format", "cirr", "--split", "val", ok=False)
     assert out.returncode == 2 and "cap.rc2.val.json" in out.stderr and "record" in out.stderr, out.stderr
+
+# ---------------------------------------------------------------- a second run on one output, OS errors (issue 13)
+
+TINY_SYNTH = ["--format", "cirr", "--preset", "quick", "--n-train-triplets", 8, "--n-unlabeled", 8, "--n-val", 4, "--n-test", 4,
+              "--n-pretrain", 4]
+
+def hold_lock(out:Path) -> subprocess.Popen:
+    "A child process that holds `core.output_lock(out)` until killed."
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom spn4cir.core import output_lock\n"
+                               "with output_lock(sys.argv[1]): print('held', flush=True); time.sleep(600)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+def test_a_run_on_a_locked_output_is_refused_and_a_killed_holder_does_not_block(tmp_path):
+    out = tmp_path / "shapes"
+    holder = hold_lock(out)
+    try:
+        refused = run_cli("synth", "--out", out, *TINY_SYNTH, ok=False)
+    finally:
+        holder.kill(); holder.wait()   # SIGKILL: the kernel releases the flock
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"{out}: another run (pid {holder.pid}) is writing this output" in refused.stderr
+    assert not out.exists()                      # refused before writing anything
+    assert run_cli("synth", "--out", out, *TINY_SYNTH)["reused"] is False
+
+def test_two_spn4cir_runs_on_one_output(tmp_path):
+    "Two real `spn4cir demo` on one --out: the second is refused at once with the first's pid."
+    out = tmp_path / "demo"
+    first = subprocess.Popen([spn4cir_exe(), "demo", "--quick", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / ".demo.lock"
+        for _ in range(1200):
+            if lock.exists() and lock.read_text().strip() == str(first.pid): break
+            assert first.poll() is None, "the first demo ended before the second started"
+            time.sleep(0.1)
+        second = run_cli("demo", "--quick", "--out", out, ok=False)
+        assert first.poll() is None
+    finally:
+        first.kill(); first.wait()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"another run (pid {first.pid}) is writing this output" in second.stderr and str(out) in second.stderr
+
+def test_a_failed_write_is_one_line_and_earlier_files_survive(shapes, tmp_path):
+    "viz into a folder where one plot's name is taken by a folder: exit 2 naming it; the plots written before are intact."
+    plots = tmp_path / "plots"
+    args = ["viz", "--data", shapes, "--format", "cirr", "--model", "spn-tiny-vit", "--out", plots, "--max-queries", 8, "--device", "cpu"]
+    run_cli(*args)
+    before = {p.name: p.read_bytes() for p in plots.iterdir()}
+    (plots / "retrieval_gallery.png").unlink(); (plots / "retrieval_gallery.png").mkdir()
+    failed = run_cli(*args, "--seed", 1, ok=False)
+    last = failed.stderr.strip().splitlines()[-1]          # progress bars above it are the job's own stderr
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert last == f"error: {plots / 'retrieval_gallery.png'}: Is a directory; a folder stands where a file is expected: pass a file path", last
+    assert (plots / "score_distributions.png").read_bytes() == before["score_distributions.png"]
+    assert sorted(p.name for p in plots.iterdir()) == sorted(before)   # no temporary file left
+
+def test_bad_option_value_is_one_line(tmp_path):
+    out = run_cli("viz", "--data", tmp_path, "--format", "cirr", "--model", "m", "--out", tmp_path / "v", "--k", 0, ok=False)
+    assert out.returncode == 2 and out.stderr == "error: k must be a finite number >= 1, got 0\n"
+    out = run_cli("viz", "--data", tmp_path, "--format", "nope", ok=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "invalid choice: 'nope'" in out.stderr

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from spn4cir.core import SpnError
-from spn4cir.pipeline import DEMO_ROWS, run_demo
+from spn4cir.pipeline import DEMO_ROWS, DemoConfig, run_demo
 
 TINY = {"data": {"n_train_triplets": 48, "n_unlabeled": 64, "n_val": 16, "n_test": 16, "n_pretrain": 64, "n_duplicates": 2},
         "pretrain": {"epochs": 1, "batch_size": 32},
@@ -20,7 +20,7 @@ CIRR_KEYS = {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "avg"}
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     lines = []
-    summary = run_demo(out, quick=True, seed=0, overrides=TINY, log=lines.append)
+    summary = run_demo(DemoConfig(out, quick=True, seed=0, overrides=TINY), log=lines.append)
     return out, summary, lines
 
 
@@ -63,7 +63,7 @@ def test_report_markdown_and_plots(demo):
 def test_second_call_reuses_every_step(demo):
     out, summary, _ = demo
     lines = []
-    again = run_demo(out, quick=True, seed=0, overrides=TINY, plots=False, log=lines.append)
+    again = run_demo(DemoConfig(out, quick=True, seed=0, overrides=TINY, plots=False), log=lines.append)
     assert again["rows"] == summary["rows"]
     steps = [l for l in lines if l.startswith("step ")]
     assert steps and all(l.endswith("reused") for l in steps), steps
@@ -75,24 +75,24 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(demo, tmp_path):
     copy = tmp_path / "demo"; shutil.copytree(out, copy)
     lines = []
     changed = {**TINY, "stage2": {**TINY["stage2"], "lr": 3e-4}}
-    run_demo(copy, quick=True, seed=0, overrides=changed, plots=False, log=lines.append)
+    run_demo(DemoConfig(copy, quick=True, seed=0, overrides=changed, plots=False), log=lines.append)
     reran = sorted(l.split()[1].rstrip(":") for l in lines if l.startswith("step ") and l.endswith("..."))
     assert reran == ["row-N", "row-SPN"], reran
 
 
 def test_same_seed_same_numbers(demo, tmp_path):
     _, summary, _ = demo
-    fresh = run_demo(tmp_path / "again", quick=True, seed=0, overrides=TINY, plots=False, log=lambda *_: None)
+    fresh = run_demo(DemoConfig(tmp_path / "again", quick=True, seed=0, overrides=TINY, plots=False), log=lambda *_: None)
     assert fresh["rows"] == summary["rows"]
 
 
 def test_bad_format_is_refused(tmp_path):
-    with pytest.raises(SpnError, match="'cirr' or 'fashioniq'"):
-        run_demo(tmp_path, format="jsonl")
+    with pytest.raises(SpnError, match="format must be one of 'cirr', 'fashioniq'"):
+        DemoConfig(tmp_path, format="jsonl")
 
 
 def test_fashioniq_layout_runs_the_same_rows(tmp_path):
-    summary = run_demo(tmp_path, quick=True, seed=0, format="fashioniq", overrides=TINY, log=lambda *_: None)
+    summary = run_demo(DemoConfig(tmp_path, quick=True, seed=0, format="fashioniq", overrides=TINY), log=lambda *_: None)
     report = json.loads((tmp_path / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == [name for name, *_ in DEMO_ROWS] and report["split"] == "test"
     for row in report["rows"]:

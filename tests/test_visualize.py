@@ -17,7 +17,7 @@ from spn4cir.models import CIRModel, create_backbone, save_checkpoint
 from spn4cir.synthetic import write_shapes_cir
 from spn4cir.visualize import (GREEN, SplitEmbeddings, compose_query, embed_split, plot_embedding_space, plot_retrieval_gallery,
                                plot_score_distributions, plot_training_curves, project_2d, read_history, read_image_attributes,
-                               retrieval_explorer, save_figure, score_margins, top_results, visualize_model)
+                               retrieval_explorer, save_figure, score_margins, top_results, visualize_model, VizConfig)
 
 SIZES = dict(n_train_triplets=12, n_unlabeled=6, n_val=12, n_test=6, n_pretrain=6, n_duplicates=1, progress=False)
 
@@ -293,19 +293,19 @@ def test_training_curves_name_the_bad_file(tmp_path):
 def test_visualize_model_writes_every_png(shapes, tmp_path):
     root = shapes["root"]
     write_jsonl(tmp_path/"run.jsonl", [{"epoch": e, "loss": 3.0 - e, "val": {"avg": 10.0 * e}} for e in (1, 2, 3)])
-    paths = visualize_model(root/"cirr", "cirr", root/"ckpt-a", tmp_path/"viz", compare=root/"ckpt-b", history=[tmp_path/"run.jsonl"],
-                            k=3, n_queries=2, device="cpu", progress=False)
+    paths = visualize_model(VizConfig(root/"cirr", "cirr", root/"ckpt-a", tmp_path/"viz", compare=root/"ckpt-b", history=[tmp_path/"run.jsonl"],
+                                      k=3, n_queries=2, device="cpu"), progress=False)
     assert sorted(paths) == ["embedding_space", "retrieval_gallery", "retrieval_gallery_compare", "score_distributions", "training_curves"]
     for path in paths.values():
         assert path.parent == tmp_path/"viz" and Image.open(path).format == "PNG"
-    assert sorted(p.name for p in (tmp_path/"viz").iterdir()) == sorted(p.name for p in paths.values())   # no temporary files
+    assert sorted(p.name for p in (tmp_path/"viz").iterdir()) == sorted([p.name for p in paths.values()] + ["settings.json"])   # no temporary files
 
 def test_visualize_model_fashioniq_colours_and_errors(shapes, tmp_path):
     root = shapes["root"]
-    paths = visualize_model(root/"fiq", "fashioniq", shapes["model"], tmp_path/"v", categories=["black", "white"], n_queries=2, k=2,
-                            max_queries=5, progress=False)
+    paths = visualize_model(VizConfig(root/"fiq", "fashioniq", root/"ckpt-a", tmp_path/"v", categories=["black", "white"], n_queries=2, k=2,
+                                      max_queries=5), progress=False)
     assert sorted(paths) == ["embedding_space", "retrieval_gallery", "score_distributions"]
     with pytest.raises(SpnError, match="unknown colour_by 'hue'.*background"):
-        visualize_model(root/"fiq", "fashioniq", shapes["model"], tmp_path/"w", colour_by="hue", progress=False)
+        visualize_model(VizConfig(root/"fiq", "fashioniq", root/"ckpt-a", tmp_path/"w", colour_by="hue"), progress=False)
     with pytest.raises(SpnError, match="needs a FashionIQ split with several categories"):
-        visualize_model(root/"cirr", "cirr", shapes["model"], tmp_path/"w", colour_by="category", progress=False)
+        visualize_model(VizConfig(root/"cirr", "cirr", root/"ckpt-a", tmp_path/"w", colour_by="category"), progress=False)
