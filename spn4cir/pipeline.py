@@ -163,8 +163,8 @@ def run_demo(out:str|os.PathLike="runs/demo", # folder for the data, the runs, t
     "Run the SPN ablation on Shapes-CIR end to end and write report.json, report.md and plots into `out`."
     from spn4cir.synthetic import SPLITS, write_shapes_cir
     from spn4cir.pretrain import pretrain_clip
-    from spn4cir.caption import caption_dataset, slot_accuracy
-    from spn4cir.positives import generate_positives
+    from spn4cir.caption import CaptionConfig, caption_dataset, slot_accuracy
+    from spn4cir.positives import PositivesConfig, generate_positives
     from spn4cir.evaluate import evaluate_model, headline_score
     if format not in ("cirr", "fashioniq"): raise SpnError(f"the demo runs Shapes-CIR in the 'cirr' or 'fashioniq' layout, not {format!r}")
     log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -184,12 +184,12 @@ def run_demo(out:str|os.PathLike="runs/demo", # folder for the data, the runs, t
                                  log, [pretrained])
     caption_opts = dict(settings["caption"]); captioner = caption_opts.pop("captioner")
     def caption():
-        summary = caption_dataset(data, format, captioner, captions, model=str(pretrained), **caption_opts, device=device, progress=False)
+        summary = caption_dataset(CaptionConfig(data, format, captioner, captions, model=str(pretrained), **caption_opts, device=device), progress=False)
         return summary | {"slot_accuracy": slot_accuracy(captions, data / "metadata.jsonl")}
     steps["caption"] = run_step(out, "caption", steps["pretrain"]["settings"] | {"caption": settings["caption"]}, caption, log, [captions])
     steps["positives"] = run_step(out, "positives", steps["caption"]["settings"] | {"positives": settings["positives"]},
-                                  lambda: generate_positives(data, format, captions, extra, model=str(pretrained), **settings["positives"],
-                                                             seed=seed, device=device, progress=False), log, [extra])
+                                  lambda: generate_positives(PositivesConfig(data, format, captions, extra, model=str(pretrained), **settings["positives"],
+                                                                             seed=seed, device=device), progress=False), log, [extra])
     rows = []
     for name, stage1, positives, stage2 in DEMO_ROWS:
         depends = steps["positives"]["settings"] if positives else steps["pretrain"]["settings"]
