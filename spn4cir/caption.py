@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import Config, SpnError, append_jsonl, check_number, pick_device, pick_precision, read_json, read_jsonl, stable_hash, write_settings
+from .core import Config, SpnError, append_jsonl, blocked_globals, check_number, pick_device, pick_precision, read_json, read_jsonl, stable_hash, write_settings
 from .data import FORMATS, load_dataset, load_image, split_image_names
 from .images import image_files
 
@@ -189,10 +189,11 @@ class HFCaptioner(Captioner):
         try:
             self.processor = AutoProcessor.from_pretrained(str(model))
             self.model = AutoModelForImageTextToText.from_pretrained(str(model), dtype=dtype).to(self.device).eval()
-        except pickle.UnpicklingError as e:   # transformers reads .bin weights with torch.load(weights_only=True)
+        except pickle.UnpicklingError:   # transformers reads .bin weights with torch.load(weights_only=True)
+            blocked = sorted({g for f in Path(model).glob("*.bin") for g in blocked_globals(f)}) if Path(model).is_dir() else []
             raise SpnError(f"refused to load the captioning model from {str(model)!r}: its weights hold pickled Python objects "
-                           "other than tensors, and unpickling them could run arbitrary code (torch.load(weights_only=True) "
-                           f"stopped at: {str(e).splitlines()[-1][:200]})") from None
+                           f"other than tensors ({', '.join(blocked) or 'globals torch does not allow'}), and unpickling them "
+                           "could run arbitrary code, so torch.load(weights_only=True) stopped") from None
         except (OSError, ValueError) as e:
             raise SpnError(f"cannot load a captioning model from {str(model)!r}: {e}") from None
         self.tokenizer = getattr(self.processor, "tokenizer", None)
