@@ -4,24 +4,25 @@
 
 # %% ../nbs/04_captioning.ipynb #efe98d95
 from __future__ import annotations
-import itertools, os, pickle, random, re, string, time
+import dataclasses, itertools, os, pickle, random, re, string, time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import SpnError, append_jsonl, pick_device, pick_precision, read_json, read_jsonl, stable_hash
-from .data import load_dataset, load_image, split_image_names
+from .core import Config, SpnError, append_jsonl, blocked_globals, check_number, pick_device, pick_precision, read_json, read_jsonl, stable_hash, write_settings
+from .data import FORMATS, load_dataset, load_image, split_image_names
 from .images import image_files
 
 # %% auto #0
 __all__ = ['DEFAULT_PROMPT', 'DEFAULT_WORDS', 'CAPTIONERS', 'default_words', 'format_prompt', 'trim_words', 'Captioner',
            'read_captions', 'MetadataCaptioner', 'save_tiny_hf_captioner', 'HFCaptioner', 'read_vocab',
            'ClipVocabCaptioner', 'slot_accuracy', 'folder_images', 'dataset_images', 'parse_shard', 'shard_names',
-           'caption_images', 'make_captioner', 'caption_dataset']
+           'caption_images', 'CaptionConfig', 'make_captioner', 'caption_dataset']
 
 # %% ../nbs/04_captioning.ipynb #fcd654fb
 DEFAULT_PROMPT = "please briefly describe the {category} in {k} words"
@@ -188,10 +189,11 @@ class HFCaptioner(Captioner):
         try:
             self.processor = AutoProcessor.from_pretrained(str(model))
             self.model = AutoModelForImageTextToText.from_pretrained(str(model), dtype=dtype).to(self.device).eval()
-        except pickle.UnpicklingError as e:   # transformers reads .bin weights with torch.load(weights_only=True)
+        except pickle.UnpicklingError:   # transformers reads .bin weights with torch.load(weights_only=True)
+            blocked = sorted({g for f in Path(model).glob("*.bin") for g in blocked_globals(f)}) if Path(model).is_dir() else []
             raise SpnError(f"refused to load the captioning model from {str(model)!r}: its weights hold pickled Python objects "
-                           "other than tensors, and unpickling them could run arbitrary code (torch.load(weights_only=True) "
-                           f"stopped at: {str(e).splitlines()[-1][:200]})") from None
+                           f"other than tensors ({', '.join(blocked) or 'globals torch does not allow'}), and unpickling them "
+                           "could run arbitrary code, so torch.load(weights_only=True) stopped") from None
         except (OSError, ValueError) as e:
             raise SpnError(f"cannot load a captioning model from {str(model)!r}: {e}") from None
         self.tokenizer = getattr(self.processor, "tokenizer", None)
@@ -452,63 +454,72 @@ def caption_images(images:dict[str, str|os.PathLike], # image name -> path
 # %% ../nbs/04_captioning.ipynb #c5af3463
 CAPTIONERS = ("metadata", "clip-vocab", "hf")
 
-def make_captioner(captioner:str, # 'metadata', 'clip-vocab' or 'hf'
-                   model:str|None=None, # hf: hub id or folder; clip-vocab: checkpoint folder or NAME[:PRETRAINED]
-                   captions_from:str|os.PathLike|None=None, # metadata: the captions.jsonl to serve
-                   vocab:str|os.PathLike|None=None, # clip-vocab: the vocabulary JSON
-                   prompt:str|None=None, # hf: prompt template with {category} and {k}
-                   max_words:int=10, # hf: word limit k
-                   max_new_tokens:int|None=None, # hf: generation cap (default 3k)
-                   categories:dict[str, str]|None=None, # hf: image name -> category for the prompt
-                   swap_prob:float=0.0, # metadata: chance of another image's caption
-                   drop_prob:float=0.0, # metadata: chance of dropping each word
-                   seed:int=0, # metadata: noise seed
-                   device:str|None=None, # hf / clip-vocab device
-                   precision:str|None=None # hf: 'fp32', 'bf16' or 'fp16'
-                  ) -> Captioner:
-    "A captioner backend by name; missing or inapplicable options raise `SpnError`."
-    if captioner not in CAPTIONERS: raise SpnError(f"unknown captioner {captioner!r}, use one of {', '.join(CAPTIONERS)}")
-    if captioner == "metadata":
-        if captions_from is None: raise SpnError("the metadata captioner needs a captions file (--captions-from)")
-        return MetadataCaptioner(captions_from, swap_prob=swap_prob, drop_prob=drop_prob, seed=seed)
-    if model is None: raise SpnError(f"the {captioner} captioner needs a model (--model)")
-    if captioner == "clip-vocab":
-        if vocab is None: raise SpnError("the clip-vocab captioner needs a vocabulary file (--vocab)")
-        return ClipVocabCaptioner(model, vocab, device=device)
-    return HFCaptioner(model, prompt=prompt, max_words=max_words, max_new_tokens=max_new_tokens,
-                       categories=categories, device=device, precision=precision)
+@dataclass
+class CaptionConfig(Config):
+    "Settings of `caption_dataset` (the `spn4cir caption` job)."
+    data:str # dataset root, or a folder of images with format='folder'
+    format:Literal["fashioniq", "cirr", "jsonl", "folder"] # the dataset layout
+    captioner:Literal["metadata", "clip-vocab", "hf"] # the captioning backend
+    out:str # the captions.jsonl to write (resumed when it exists)
+    split:str="train" # the split whose images are captioned
+    model:str|None=None # hf: hub id or folder; clip-vocab: checkpoint folder or NAME[:PRETRAINED]
+    shard:str|None=None # 'I/N': caption the I-th of N shards (0-based)
+    captions_from:str|None=None # metadata: source captions.jsonl (default DATA/oracle_captions.jsonl)
+    vocab:str|None=None # clip-vocab: vocabulary JSON (default DATA/vocab.json)
+    prompt:str|None=None # hf: prompt template with {category} and {k} (default: the reference instruction)
+    max_words:int|None=None # hf: word limit k (default 5 for fashioniq, 10 otherwise)
+    max_new_tokens:int|None=None # hf: generation cap (default 3k)
+    batch_size:int=16 # images per captioner call
+    on_error:Literal["raise", "skip"]="raise" # 'raise' stops at an unloadable image, 'skip' leaves it out and counts it
+    swap_prob:float=0.0 # metadata noise: chance of another image's caption
+    drop_prob:float=0.0 # metadata noise: chance of dropping each word
+    seed:int=0 # metadata noise seed
+    device:str|None=None # default: CUDA when present
+    precision:Literal["fp32", "bf16", "fp16"]|None=None # hf: autocast dtype (default: automatic)
+    workers:int=4 # image-decoding threads
+    job:ClassVar[str] = "caption"
 
-def caption_dataset(data:str|os.PathLike, # dataset root, or a folder of images with format='folder'
-                    format:str, # 'fashioniq', 'cirr', 'jsonl' or 'folder'
-                    captioner:str, # 'metadata', 'clip-vocab' or 'hf'
-                    out:str|os.PathLike, # the captions.jsonl to write (resumed when it exists)
-                    split:str="train", # the split whose images are captioned
-                    model:str|None=None, # hf: hub id or folder; clip-vocab: checkpoint folder or NAME[:PRETRAINED]
-                    shard:str|Sequence[int]|None=None, # 'I/N': caption the I-th of N shards (0-based)
-                    captions_from:str|os.PathLike|None=None, # metadata source (default DATA/oracle_captions.jsonl)
-                    vocab:str|os.PathLike|None=None, # clip-vocab vocabulary (default DATA/vocab.json)
-                    prompt:str|None=None, # hf prompt template (default: the reference instruction)
-                    max_words:int|None=None, # hf word limit k (default 5 for fashioniq, 10 otherwise)
-                    max_new_tokens:int|None=None, # hf generation cap (default 3k)
-                    batch_size:int=16, # images per captioner call
-                    on_error:str="raise", # 'raise' or 'skip' unloadable images
-                    swap_prob:float=0.0, # metadata noise: chance of another image's caption
-                    drop_prob:float=0.0, # metadata noise: chance of dropping each word
-                    seed:int=0, # metadata noise seed
-                    device:str|None=None, # default: CUDA when present
-                    precision:str|None=None, # hf: 'fp32', 'bf16', 'fp16'
-                    workers:int=4, # image-decoding threads
+    def check(self):
+        if self.captioner not in CAPTIONERS: raise SpnError(f"unknown captioner {self.captioner!r}, use one of {', '.join(CAPTIONERS)}")
+        if self.format not in (*FORMATS, "folder"): raise SpnError(f"format must be one of {', '.join((*FORMATS, 'folder'))}, got {self.format!r}")
+        if self.on_error not in ("raise", "skip"): raise SpnError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.captioner != "metadata" and self.model is None: raise SpnError(f"the {self.captioner} captioner needs a model (--model)")
+        for name in ("batch_size", "workers", "max_words", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SpnError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("swap_prob", "drop_prob"):
+            check_number(self, name, 0)
+            if getattr(self, name) > 1: raise SpnError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+        parse_shard(self.shard)
+
+def make_captioner(config:CaptionConfig, # the settings (captioner, model, captions_from, vocab, prompt, noise, device)
+                   categories:dict[str, str]|None=None # hf: image name -> category for the prompt
+                  ) -> Captioner:
+    "The captioner backend a `CaptionConfig` names; missing or inapplicable options raise `SpnError`."
+    c = config
+    if c.captioner == "metadata":
+        if c.captions_from is None: raise SpnError("the metadata captioner needs a captions file (--captions-from)")
+        return MetadataCaptioner(c.captions_from, swap_prob=c.swap_prob, drop_prob=c.drop_prob, seed=c.seed)
+    if c.captioner == "clip-vocab":
+        if c.vocab is None: raise SpnError("the clip-vocab captioner needs a vocabulary file (--vocab)")
+        return ClipVocabCaptioner(c.model, c.vocab, device=c.device)
+    return HFCaptioner(c.model, prompt=c.prompt, max_words=c.max_words or default_words(c.format), max_new_tokens=c.max_new_tokens,
+                       categories=categories, device=c.device, precision=c.precision)
+
+def caption_dataset(config:CaptionConfig, # the job's settings
                     progress:bool=True # show a tqdm bar
                    ) -> dict:
-    "Caption a dataset split's images (or a folder's) into a resumable, shardable captions.jsonl; returns the run summary."
-    data = Path(data)
-    if format == "folder": images, categories = folder_images(data), {}
-    else: images, categories = dataset_images(data, format, split)
-    if captions_from is None and (data/"oracle_captions.jsonl").is_file(): captions_from = data/"oracle_captions.jsonl"
-    if vocab is None and (data/"vocab.json").is_file(): vocab = data/"vocab.json"
-    backend = make_captioner(captioner, model=model, captions_from=captions_from, vocab=vocab, prompt=prompt,
-                             max_words=max_words or default_words(format), max_new_tokens=max_new_tokens,
-                             categories=categories, swap_prob=swap_prob, drop_prob=drop_prob, seed=seed,
-                             device=device, precision=precision)
-    return caption_images(images, backend, out, shard=shard, batch_size=batch_size, on_error=on_error,
-                          workers=workers, progress=progress)
+    "Caption a split's images (or a folder's) into a resumable, shardable captions.jsonl and `settings.json` beside; returns the run summary."
+    c, data = config, Path(config.data)
+    if c.format == "folder": images, categories = folder_images(data), {}
+    else: images, categories = dataset_images(data, c.format, c.split)
+    if not images: raise SpnError(f"the {c.split!r} split lists no images to caption", data)
+    defaults = {"captions_from": data/"oracle_captions.jsonl", "vocab": data/"vocab.json"}
+    c = dataclasses.replace(c, **{k: str(p) for k, p in defaults.items() if getattr(c, k) is None and p.is_file()},
+                            max_words=c.max_words or default_words(c.format))
+    backend = make_captioner(c, categories)
+    summary = caption_images(images, backend, c.out, shard=c.shard, batch_size=c.batch_size, on_error=c.on_error,
+                             workers=c.workers, progress=progress)
+    write_settings(c, c.out, output_is_file=True)
+    return summary

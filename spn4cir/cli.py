@@ -222,11 +222,11 @@ def _add_caption(sub):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
 
 def _run_caption(args):
-    from spn4cir.caption import caption_dataset
-    return caption_dataset(args.data, args.format, args.captioner, args.out, split=args.split, model=args.model,
-                           shard=args.shard, captions_from=args.captions_from, vocab=args.vocab, prompt=args.prompt,
-                           max_words=args.max_words, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                           on_error="skip" if args.skip_bad_images else "raise")
+    from spn4cir.caption import CaptionConfig, caption_dataset
+    return caption_dataset(CaptionConfig(args.data, args.format, args.captioner, args.out, split=args.split, model=args.model,
+                                         shard=args.shard, captions_from=args.captions_from, vocab=args.vocab, prompt=args.prompt,
+                                         max_words=args.max_words, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                                         on_error="skip" if args.skip_bad_images else "raise"))
 
 # %% ../nbs/11_cli.ipynb #7856f6f4
 def _add_positives(sub):
@@ -245,10 +245,10 @@ def _add_positives(sub):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
 
 def _run_positives(args):
-    from spn4cir.positives import generate_positives
-    return generate_positives(args.data, args.format, args.captions, args.out, model=args.model, window=args.window,
-                              k=args.k, sampler=args.sampler, refer_only=args.refer_only, max_triplets=args.max_triplets,
-                              templates=args.templates, seed=args.seed, split=args.split, device=args.device)
+    from spn4cir.positives import PositivesConfig, generate_positives
+    return generate_positives(PositivesConfig(args.data, args.format, args.captions, args.out, model=args.model, window=args.window,
+                                              k=args.k, sampler=args.sampler, refer_only=args.refer_only, max_triplets=args.max_triplets,
+                                              templates=args.templates, seed=args.seed, split=args.split, device=args.device))
 
 # %% ../nbs/11_cli.ipynb #1858ff84
 def _device_args(p):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #48f91bad
 from __future__ import annotations
-import contextlib, dataclasses, fcntl, hashlib, json, math, os, random, tempfile, types, typing
+import contextlib, dataclasses, fcntl, hashlib, io, json, math, os, pickletools, random, tempfile, types, typing, zipfile
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator
 
@@ -13,9 +13,9 @@ import torch
 
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'SpnError', 'seed_everything', 'pick_device', 'pick_precision', 'autocast', 'atomic_write',
-           'atomic_save', 'read_json', 'write_json', 'read_jsonl', 'append_jsonl', 'write_jsonl', 'resolve_inside',
-           'stable_hash', 'Config', 'settings_path', 'write_settings', 'read_settings', 'check_number', 'check_choices',
-           'lock_path', 'output_lock']
+           'atomic_save', 'read_json', 'write_json', 'read_jsonl', 'append_jsonl', 'write_jsonl', 'blocked_globals',
+           'resolve_inside', 'stable_hash', 'Config', 'settings_path', 'write_settings', 'read_settings',
+           'check_number', 'check_choices', 'lock_path', 'output_lock']
 
 # %% ../nbs/00_core.ipynb #95ce2f0e
 class SpnError(ValueError):
@@ -99,8 +99,8 @@ def atomic_save(path:str|os.PathLike, # the destination file
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
     try:
-        with contextlib.suppress(OSError): os.chmod(tmp, _FILE_MODE)   # some file systems have no modes
         save_fn(tmp)
+        with contextlib.suppress(OSError): os.chmod(tmp, _FILE_MODE)   # after: writers such as safetensors' set their own mode
         with open(tmp, "rb") as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -116,6 +116,7 @@ def read_json(path:str|os.PathLike): # a JSON file
     except UnicodeDecodeError as e: raise SpnError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=path) from None
     try: return json.loads(text)
     except json.JSONDecodeError as e: raise SpnError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", file=path) from None
+    except RecursionError: raise SpnError("JSON nested too deeply to read", file=path) from None
 
 def write_json(path:str|os.PathLike, # destination
                obj:Any, # anything JSON can hold
@@ -141,6 +142,7 @@ def read_jsonl(path:str|os.PathLike, # a JSON-lines file
         try: rec = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError: raise SpnError("not UTF-8 text", file=path, record=f"line {i}") from None
         except json.JSONDecodeError as e: raise SpnError(f"not valid JSON: {e.msg}", file=path, record=f"line {i}") from None
+        except RecursionError: raise SpnError("JSON nested too deeply to read", file=path, record=f"line {i}") from None
         if not isinstance(rec, dict): raise SpnError(f"expected a JSON object, got {type(rec).__name__}", file=path, record=f"line {i}")
         records.append(rec)
     return records
@@ -157,6 +159,33 @@ def write_jsonl(path:str|os.PathLike, # destination
     "Write a whole JSONL file atomically."
     with atomic_write(path) as f:
         for r in records: f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+# %% ../nbs/00_core.ipynb #e22af5b7
+def _pickle_streams(path:Path) -> list[bytes]:
+    "The pickles of a torch file: every `.pkl` of a zip archive, else the file itself."
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive: return [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    return [path.read_bytes()]
+
+def _globals_in(data:bytes) -> list[str]:
+    "`module.name` of every global a pickle stream (or several, one after another) imports."
+    found, strings, stream = [], [], io.BytesIO(data)
+    with contextlib.suppress(Exception):
+        while stream.tell() < len(data):
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL": found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2: found.append(f"{strings[-2]}.{strings[-1]}")
+                if isinstance(arg, str): strings.append(arg)
+    return found
+
+def blocked_globals(path:str|os.PathLike # a torch (zip or legacy) or plain pickle file
+                   ) -> list[str]:
+    "The globals in a pickle file that `torch.load(weights_only=True)` refuses to import, in order, each once."
+    from torch import _weights_only_unpickler as wo
+    allowed = set(wo._get_allowed_globals()) | {f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals()
+                                               if hasattr(g, "__qualname__")}
+    names = [g for data in _pickle_streams(Path(path)) for g in _globals_in(data)]
+    return list(dict.fromkeys(g for g in names if g not in allowed and not (g.startswith("torch.") and g.endswith("Storage"))))
 
 # %% ../nbs/00_core.ipynb #41cc58e6
 def resolve_inside(root:str|os.PathLike, # the dataset root

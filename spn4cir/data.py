@@ -89,7 +89,11 @@ def _from_cirr(rec, file, rid, category) -> Triplet:
     pairid = rec["pairid"]
     if not isinstance(pairid, int) or isinstance(pairid, bool): raise SpnError(f"'pairid' must be an integer, got {_short(pairid)}", file, rid)
     if not isinstance(rec["caption"], str): raise SpnError(f"'caption' must be a string, got {_short(rec['caption'])}", file, rid)
-    extra = {k: v for k, v in rec.items() if k not in ("pairid", "reference", "target_hard", "caption", "img_set")}
+    texts = [rec["caption"]]
+    if "caption_options" in rec:
+        texts = _texts(rec["caption_options"], "caption_options", file, rid)
+        if texts[0] != rec["caption"]: raise SpnError("'caption' must be the first of 'caption_options'", file, rid)
+    extra = {k: v for k, v in rec.items() if k not in ("pairid", "reference", "target_hard", "caption", "caption_options", "img_set")}
     members = None
     if "img_set" in rec:
         img_set = rec["img_set"]
@@ -98,7 +102,7 @@ def _from_cirr(rec, file, rid, category) -> Triplet:
         if not all(members): raise SpnError("'img_set.members' holds an empty name", file, rid)
         rest = {k: v for k, v in img_set.items() if k != "members"}
         if rest: extra["img_set"] = rest
-    return Triplet(_name(rec, "reference", file, rid), _target(rec, "target_hard", file, rid), [rec["caption"]],
+    return Triplet(_name(rec, "reference", file, rid), _target(rec, "target_hard", file, rid), texts,
                    pairid=pairid, members=members, category=category, extra=extra)
 
 def _from_jsonl(rec, file, rid, category) -> Triplet:
@@ -257,7 +261,7 @@ def load_dataset(root:str|os.PathLike, # dataset root (the folder holding captio
 
 # %% ../nbs/01_data.ipynb #70c25472
 _SCHEMA_KEYS = {"fashioniq": ("candidate", "target", "captions"), "jsonl": ("reference", "target", "texts", "group"),
-                "cirr": ("pairid", "reference", "target_hard", "caption", "img_set")}
+                "cirr": ("pairid", "reference", "target_hard", "caption", "caption_options", "img_set")}
 
 def _to_record(t:Triplet, format:str, file, rid) -> dict:
     "One triplet in the format's schema."
@@ -273,10 +277,10 @@ def _to_record(t:Triplet, format:str, file, rid) -> dict:
         rec = {"reference": t.reference, "target": t.target, "texts": list(t.texts)}
         return rec | ({} if t.members is None else {"group": list(t.members)}) | extra
     if t.pairid is None: raise SpnError("a CIRR record needs a pairid", file, rid)
-    if len(t.texts) != 1: raise SpnError(f"a CIRR record has exactly one caption, got {len(t.texts)} texts", file, rid)
+    if not t.texts: raise SpnError("a CIRR record needs a caption, got no texts", file, rid)
     rec = {"pairid": t.pairid, "reference": t.reference} | ({} if t.target is None else {"target_hard": t.target})
     img_set = extra.pop("img_set", None)
-    rec |= {"caption": t.texts[0]} | extra
+    rec |= {"caption": t.texts[0]} | ({"caption_options": list(t.texts)} if len(t.texts) > 1 else {}) | extra
     if t.members is not None:
         img_set = dict(img_set or {})
         rec["img_set"] = {k: img_set.pop(k) for k in ("id",) if k in img_set} | {"members": list(t.members)} | img_set

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import spn4cir
-from .core import SpnError, atomic_save, read_json, write_json
+from .core import SpnError, atomic_save, blocked_globals, read_json, write_json
 
 # %% auto #0
 __all__ = ['TINY_CONFIGS', 'COMBINERS', 'TRAINABLE', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CHECKPOINT_FORMAT', 'register_tiny_configs',
@@ -111,15 +111,14 @@ def read_weights(path:str|os.PathLike # a .safetensors file or a torch file (.pt
         try: return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as e: raise SpnError(f"not a readable safetensors file: {e}", file=path) from None
     try: obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        refused = next((l for l in lines if "Unsupported global" in l), None)
-        if refused is None:
-            reason = next((l for l in lines if l.startswith("Unsupported")), lines[-1] if lines else "unknown error")
-            raise SpnError(f"not a readable torch file (weights-only unpickler: {reason})", file=path) from None
-        raise SpnError("refused to load: the file holds pickled Python objects other than tensors and plain containers, "
-                       "and torch.load(weights_only=True) will not unpickle them because unpickling can run arbitrary code "
-                       f"({refused.split('. Please use')[0]}); re-save only the state dict (or use safetensors)", file=path) from None
+    except pickle.UnpicklingError as e:   # the weights-only unpickler refused the file: say which globals, from the file itself
+        blocked = blocked_globals(path)
+        if not blocked:
+            lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+            raise SpnError(f"not a readable torch file (weights-only unpickler: {lines[-1][:200] if lines else 'unknown error'})", file=path) from None
+        raise SpnError(f"refused to load: the file holds pickled Python objects other than tensors and plain containers "
+                       f"({', '.join(blocked)}), and torch.load(weights_only=True) will not unpickle them because unpickling "
+                       "could run arbitrary code; re-save only the state dict (or use safetensors)", file=path) from None
     except RuntimeError as e:
         if "TorchScript" in str(e):
             raise SpnError("refused to load a TorchScript archive (such as OpenAI's original CLIP .pt files) with "
@@ -394,7 +393,7 @@ def _stored_config(weights:Path) -> dict|None:
     "The config copy a save put into the weights' metadata (same `save_id` as the weights), or None."
     meta = _weights_metadata(weights) if weights.is_file() else {}
     try: stored = json.loads(meta.get("config", "null"))
-    except json.JSONDecodeError: return None
+    except (json.JSONDecodeError, RecursionError): return None
     return stored if isinstance(stored, dict) and stored.get("save_id") == meta.get("save_id") else None
 
 def _read_config(folder:Path) -> dict:

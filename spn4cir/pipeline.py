@@ -175,8 +175,8 @@ def run_demo(config:DemoConfig|None=None, # the demo's settings (None: the defau
     "Run the SPN ablation on Shapes-CIR end to end and write report.json, report.md and plots into `out`."
     from spn4cir.synthetic import SPLITS, write_shapes_cir
     from spn4cir.pretrain import pretrain_clip
-    from spn4cir.caption import caption_dataset, slot_accuracy
-    from spn4cir.positives import generate_positives
+    from spn4cir.caption import CaptionConfig, caption_dataset, slot_accuracy
+    from spn4cir.positives import PositivesConfig, generate_positives
     from spn4cir.evaluate import evaluate_model, headline_score
     config = config or DemoConfig()
     out, quick, seed, format, device, precision = (getattr(config, k) for k in ("out", "quick", "seed", "format", "device", "precision"))
@@ -198,12 +198,12 @@ def run_demo(config:DemoConfig|None=None, # the demo's settings (None: the defau
                                  log, [pretrained])
     caption_opts = dict(settings["caption"]); captioner = caption_opts.pop("captioner")
     def caption():
-        summary = caption_dataset(data, format, captioner, captions, model=str(pretrained), **caption_opts, device=device, progress=False)
+        summary = caption_dataset(CaptionConfig(data, format, captioner, captions, model=str(pretrained), **caption_opts, device=device), progress=False)
         return summary | {"slot_accuracy": slot_accuracy(captions, data / "metadata.jsonl")}
     steps["caption"] = run_step(out, "caption", steps["pretrain"]["settings"] | {"caption": settings["caption"]}, caption, log, [captions])
     steps["positives"] = run_step(out, "positives", steps["caption"]["settings"] | {"positives": settings["positives"]},
-                                  lambda: generate_positives(data, format, captions, extra, model=str(pretrained), **settings["positives"],
-                                                             seed=seed, device=device, progress=False), log, [extra])
+                                  lambda: generate_positives(PositivesConfig(data, format, captions, extra, model=str(pretrained), **settings["positives"],
+                                                                             seed=seed, device=device), progress=False), log, [extra])
     rows = []
     for name, stage1, positives, stage2 in DEMO_ROWS:
         depends = steps["positives"]["settings"] if positives else steps["pretrain"]["settings"]

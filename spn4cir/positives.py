@@ -7,14 +7,14 @@ from __future__ import annotations
 import difflib, math, os, re, time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 import open_clip
 import torch
 from tqdm.auto import tqdm
 
-from .core import SpnError, autocast, pick_device, pick_precision, read_json, stable_hash, write_json
+from .core import Config, SpnError, autocast, check_number, pick_device, pick_precision, read_json, stable_hash, write_json, write_settings
 from .data import FORMATS, ImageDataset, Triplet, load_dataset, write_triplets
 from .images import duplicate_groups, file_stamps, image_fingerprint, read_cached_features, save_cached_features
 from .caption import read_captions
@@ -22,10 +22,10 @@ from .evaluate import target_ranks
 from .models import load_model
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'FORMAT_TEMPLATES', 'SAMPLERS', 'Window', 'parse_window', 'excluded_rows', 'sample_exact',
-           'sample_approx', 'sample_uniform', 'sampled_ranks', 'rank_accuracy', 'embed_images', 'parse_templates',
-           'token_counter', 'clean_caption', 'caption_difference', 'compose_texts', 'positive_triplets',
-           'generate_positives']
+__all__ = ['TEMPLATES', 'FORMAT_TEMPLATES', 'REMOVAL_TEMPLATE', 'TEXT_CHOICES', 'SAMPLERS', 'POOLS', 'Window', 'parse_window',
+           'excluded_rows', 'sample_exact', 'sample_approx', 'sample_uniform', 'sampled_ranks', 'rank_accuracy',
+           'embed_images', 'parse_templates', 'token_counter', 'clean_caption', 'caption_difference', 'text_options',
+           'template_choice', 'compose_texts', 'positive_triplets', 'PositivesConfig', 'generate_positives']
 
 # %% ../nbs/05_positives.ipynb #5a9e9748
 _RANK = re.compile(r"\d+")
@@ -544,6 +544,8 @@ def embed_images(model, # a `CIRModel` (its `image_transform` and `encode_images
 # %% ../nbs/05_positives.ipynb #e33cd34e
 TEMPLATES = {"t0": "{1} instead of {0}", "t1": "Unlike {0}, I want {1}", "t2": "{1}", "t3": "{3} instead of {2}"}
 FORMAT_TEMPLATES = {"fashioniq": ("t2",), "cirr": ("t0", "t1"), "jsonl": ("t0", "t1")}
+REMOVAL_TEMPLATE = "{1}, not {2}"   # t3 when the target caption only drops words of the reference
+TEXT_CHOICES = ("per-epoch", "fixed")
 
 def parse_templates(templates:str|Sequence[str]|None=None, # names ('t0'-'t3') or patterns of {0}, {1} (captions), {2}, {3} (their differing words); None: the format's
                     format:str="cirr" # decides the default: FashionIQ t2, CIRR and jsonl t0 or t1
@@ -595,6 +597,38 @@ def caption_difference(reference:str, # the reference caption
     join = lambda words, pairs: ", ".join(" ".join(words[a:b]) for a, b in pairs if b > a)
     return join(ref_words, [(i1, i2) for i1, i2, _, _ in spans]), join(tgt_words, [(j1, j2) for _, _, j1, j2 in spans])
 
+def _template_text(name:str, pattern:str, ref:str, tgt:str, count_tokens:Callable[[str], int], context_length:int) -> tuple[str, str, bool]:
+    "One template's text for a pair of cleaned captions: (text, template used, fell back to t2)."
+    ref_diff, tgt_diff = caption_difference(ref, tgt)
+    if pattern == TEMPLATES["t2"]: return pattern.format(ref, tgt), name, False
+    if not (ref_diff or tgt_diff): return TEMPLATES["t2"].format(ref, tgt), "t2", True         # nothing differs
+    if not tgt_diff and "{3}" in pattern and "{1}" not in pattern:                              # the target only drops words
+        pattern, name = REMOVAL_TEMPLATE, "removal"
+    text = pattern.format(ref, tgt, ref_diff, tgt_diff)
+    if count_tokens(text) > context_length: return TEMPLATES["t2"].format(ref, tgt), "t2", True
+    return text, name, False
+
+def text_options(reference_captions:Sequence[str], # caption of each pair's reference
+                 target_captions:Sequence[str], # caption of each pair's target
+                 templates:dict[str, str], # from `parse_templates`
+                 count_tokens:Callable[[str], int]|None=None, # from `token_counter`; None: word count
+                 context_length:int=77 # the text encoder's context, in tokens
+                ) -> list[list[tuple[str, str, bool]]]:
+    "Per pair, every template's `(text, template used, fell back to t2)`, in template order."
+    count_tokens = count_tokens or token_counter()
+    out = []
+    for ref, tgt in zip(reference_captions, target_captions):
+        ref, tgt = clean_caption(ref), clean_caption(tgt)
+        out.append([_template_text(n, p, ref, tgt, count_tokens, context_length) for n, p in templates.items()])
+    return out
+
+def template_choice(n:int, # the number of pairs
+                    templates:int, # the number of templates
+                    seed:int=0 # decides each pair's template
+                   ) -> np.ndarray:
+    "The seeded template index of each of `n` pairs (uniform over the templates)."
+    return (_stream_draws(_purpose_seed(seed, "templates"), np.arange(n), 0, 1)[:, 0] % np.uint64(templates)).astype(np.int64)
+
 def compose_texts(reference_captions:Sequence[str], # caption of each pair's reference
                   target_captions:Sequence[str], # caption of each pair's target
                   templates:dict[str, str], # from `parse_templates`
@@ -602,19 +636,10 @@ def compose_texts(reference_captions:Sequence[str], # caption of each pair's ref
                   count_tokens:Callable[[str], int]|None=None, # from `token_counter`; None: word count
                   context_length:int=77 # the text encoder's context, in tokens
                  ) -> tuple[list[str], list[str], list[bool]]:
-    "A modification text per pair, the template used, and whether it fell back to t2 because the chosen one was too long."
-    count_tokens = count_tokens or token_counter()
-    names = list(templates)
-    choice = _stream_draws(_purpose_seed(seed, "templates"), np.arange(len(target_captions)), 0, 1)[:, 0] % np.uint64(len(names))
-    texts, used, fell_back = [], [], []
-    for ref, tgt, c in zip(reference_captions, target_captions, choice.astype(np.int64)):
-        ref, tgt, name = clean_caption(ref), clean_caption(tgt), names[c]
-        ref_diff, tgt_diff = caption_difference(ref, tgt)
-        text = templates[name].format(ref, tgt, ref_diff, tgt_diff)
-        too_long = templates[name] != TEMPLATES["t2"] and (count_tokens(text) > context_length or not tgt_diff)
-        if too_long: text, name = TEMPLATES["t2"].format(ref, tgt), "t2"
-        texts.append(text); used.append(name); fell_back.append(too_long)
-    return texts, used, fell_back
+    "A modification text per pair (one seeded template each), the template used, and whether it fell back to t2."
+    options = text_options(reference_captions, target_captions, templates, count_tokens, context_length)
+    chosen = [o[c] for o, c in zip(options, template_choice(len(options), len(templates), seed))]
+    return [t for t, _, _ in chosen], [n for _, n, _ in chosen], [f for _, _, f in chosen]
 
 # %% ../nbs/05_positives.ipynb #0cdcab36
 def positive_triplets(pairs:Sequence[tuple[str, str]], # (reference name, target name)
@@ -623,33 +648,85 @@ def positive_triplets(pairs:Sequence[tuple[str, str]], # (reference name, target
                       captions:dict[str, str], # image name -> caption
                       format:str, # 'fashioniq', 'cirr' or 'jsonl'
                       categories:dict[str, str]|None=None, # image name -> FashionIQ category of the reference
-                      first_pairid:int=0 # CIRR: pairid of the first generated triplet
+                      first_pairid:int=0, # CIRR: pairid of the first generated triplet
+                      alternatives:Sequence[Sequence[str]]|None=None # CIRR, jsonl: per pair, other texts (one of all is drawn per epoch)
                      ) -> list[Triplet]:
     "Generated triplets in the format's train schema, with their source captions."
     if format not in FORMATS: raise SpnError(f"unknown format {format!r}, use one of {', '.join(FORMATS)}")
     out = []
     for i, ((ref, tgt), text, template) in enumerate(zip(pairs, texts, templates)):
+        several = [text, *(alternatives[i] if alternatives is not None else [])]
         source = {"reference_caption": captions[ref], "target_caption": captions[tgt], "template": template}
         if format == "fashioniq":
             out.append(Triplet(ref, tgt, [text, text], category=(categories or {}).get(ref, "all"), extra=source))
         elif format == "cirr":
-            out.append(Triplet(ref, tgt, [text], pairid=first_pairid + i, members=[ref, tgt],
+            out.append(Triplet(ref, tgt, several, pairid=first_pairid + i, members=[ref, tgt],
                                extra={"target_soft": {tgt: 1.0}} | source))
-        else: out.append(Triplet(ref, tgt, [text], extra=source))
+        else: out.append(Triplet(ref, tgt, several, extra=source))
     return out
 
 # %% ../nbs/05_positives.ipynb #9aca11b4
 SAMPLERS = ("exact", "approx", "uniform")
+POOLS = ("split", "triplets")
 
-def _pool(splits:dict, captions:dict[str, str], need_files:bool) -> tuple[dict[str, Path], dict[str, str], dict[str, int], set[str]]:
+@dataclass
+class PositivesConfig(Config):
+    "Settings of `generate_positives` (the `spn4cir positives` job)."
+    data:str # dataset root
+    format:Literal["fashioniq", "cirr", "jsonl"] # the dataset layout
+    captions:str # captions.jsonl: {"image": NAME, "caption": TEXT} lines
+    out:str # extra-triplets file; FashionIQ: may contain {category} for one file per category
+    model:str|None=None # checkpoint folder or NAME[:PRETRAINED] spec; not needed by the uniform sampler
+    window:str|None=None # 'A:B' ranks or '0.2:0.5' pool fractions (exact and approx samplers)
+    k:int=1 # targets per reference
+    sampler:Literal["exact", "approx", "uniform"]="exact" # how targets are drawn
+    refer_only:bool=False # references: only images that are references in human triplets
+    max_triplets:int|None=None # keep a random K triplets
+    templates:list[str]|None=None # template names (t0-t3) or patterns; None: the format's default
+    text_choice:Literal["per-epoch", "fixed"]="per-epoch" # CIRR/jsonl: keep every template's text (one drawn per epoch) or one
+    pool:Literal["split", "triplets"]="split" # pairing pool: every split-listed image, or only images a triplet names
+    seed:int=42 # everything random follows from it
+    split:str="train" # the split whose images are paired
+    categories:list[str]|None=None # FashionIQ categories (None: all found)
+    per_category:bool=False # FashionIQ: pair within each category instead of one shared pool
+    dedup:bool=True # never pair pixel-identical images
+    cache_dir:str|None=None # embedding cache; None: embeddings/ beside out
+    batch_size:int=64 # images per forward pass
+    workers:int|None=None # image-loading workers
+    device:str|None=None # None: CUDA when present
+    precision:Literal["fp32", "bf16", "fp16"]|None=None # embedding precision; None: automatic
+    chunk_size:int|None=None # references scored at once (None: from memory)
+    sample_size:int=16384 # approx sampler: candidates sampled to locate the window
+    check_references:int=256 # references whose sampled ranks are checked exactly (0: none)
+    job:ClassVar[str] = "positives"
+
+    def check(self):
+        for name, choices in (("format", FORMATS), ("sampler", SAMPLERS), ("text_choice", TEXT_CHOICES), ("pool", POOLS)):
+            if getattr(self, name) not in choices: raise SpnError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.sampler != "uniform":
+            if self.window is None: raise SpnError(f"the {self.sampler} sampler needs a window such as 10000:20000 or 0.2:0.5")
+            if self.model is None: raise SpnError(f"the {self.sampler} sampler needs a model to embed the images")
+            parse_window(self.window)
+        elif self.window is not None: raise SpnError("window does not apply to the uniform sampler, which draws from every image")
+        for name in ("k", "max_triplets", "batch_size", "chunk_size", "sample_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SpnError(f"{name} must be a positive integer, got {value!r}")
+        check_number(self, "check_references", 0)
+        parse_templates(self.templates, self.format)
+
+def _pool(splits:dict, captions:dict[str, str], need_files:bool, pool:str="split") -> tuple[dict[str, Path], dict[str, str], dict[str, int], set[str]]:
     "Images with a caption (and a file when needed), their category, skip counts and human references."
     images, category, skipped, references = {}, {}, {"no_caption": 0, "missing_file": 0}, set()
+    named = {n for split in splits.values() for t in split.triplets for n in (t.reference, t.target) if n is not None}
+    if pool == "triplets": skipped["not_in_triplets"] = 0
     for cat, split in splits.items():
         references |= {t.reference for t in split.triplets}
         for name, path in split.images.items():
             if name in images or name in category: continue
             category[name] = cat
-            if not captions.get(name, "").strip(): skipped["no_caption"] += 1
+            if pool == "triplets" and name not in named: skipped["not_in_triplets"] += 1
+            elif not captions.get(name, "").strip(): skipped["no_caption"] += 1
             elif need_files and not path.is_file(): skipped["missing_file"] += 1
             else: images[name] = path
     return images, category, skipped, references
@@ -671,88 +748,72 @@ def _output_files(out:Path, format:str, triplets:list[Triplet]) -> dict[Path, li
         triplets = [Triplet(t.reference, t.target, t.texts, extra={"category": t.category} | t.extra) for t in triplets]
     return {out: triplets}
 
-def generate_positives(data:str|os.PathLike, # dataset root
-                       format:str, # 'fashioniq', 'cirr' or 'jsonl'
-                       captions:str|os.PathLike, # captions.jsonl: {"image": NAME, "caption": TEXT} lines
-                       out:str|os.PathLike, # extra-triplets file; FashionIQ: may contain {category} for one file per category
-                       model=None, # checkpoint folder, NAME[:PRETRAINED] spec or a CIRModel; optional for the uniform sampler
-                       window:str|Window|None=None, # 'A:B' ranks or '0.2:0.5' pool fractions (exact and approx samplers)
-                       k:int=1, # targets per reference
-                       sampler:str="exact", # 'exact', 'approx' or 'uniform'
-                       refer_only:bool=False, # references: only images that are references in human triplets
-                       max_triplets:int|None=None, # keep a random K triplets
-                       templates:str|Sequence[str]|None=None, # template names or patterns; None: the format's default
-                       seed:int=42, # everything random follows from it
-                       split:str="train", # the split whose images are paired
-                       categories:str|list[str]|None=None, # FashionIQ categories (None: all found)
-                       per_category:bool=False, # FashionIQ: pair within each category instead of one shared pool
-                       dedup:bool=True, # never pair pixel-identical images
-                       cache_dir:str|os.PathLike|None=None, # embedding cache; None: `embeddings/` beside `out`
-                       batch_size:int=64, # images per forward pass
-                       workers:int|None=None, # image-loading workers
-                       device=None, # None: CUDA when present
-                       precision:str|None=None, # embedding precision ('fp32', 'bf16', 'fp16'; None automatic)
-                       chunk_size:int|None=None, # references scored at once (None: from memory)
-                       sample_size:int=16384, # approx sampler: candidates sampled to locate the window
-                       check_references:int=256, # references whose sampled ranks are checked exactly (0: none)
+def _sample_pool(c:PositivesConfig, model, pool_name:str, names:list[str], images:dict, refs:np.ndarray, kept, n_refs:int, cache_dir:Path, progress:bool) -> tuple[list, dict, dict|None]:
+    "The (reference, target) pairs of one pool, its summary and its rank check."
+    pool_images, summary, check = {n: images[n] for n in names}, {"images": len(names), "references": len(refs)}, None
+    if not len(refs): return [], summary, None
+    groups = duplicate_groups(pool_images, cache_dir, c.workers, progress) if c.dedup else None
+    if groups is not None: summary["duplicate_images"] = int(len(groups) - len(np.unique(groups)))
+    pool_seed = int(_purpose_seed(c.seed, f"pool/{pool_name}") % np.uint64(2**62))
+    if c.sampler == "uniform": targets = sample_uniform(len(names), refs, c.k, groups, pool_seed)
+    else:
+        window = parse_window(c.window)
+        features = embed_images(model, pool_images, cache_dir, batch_size=c.batch_size, workers=c.workers,
+                                precision=c.precision, progress=progress)[1].to(pick_device(c.device))
+        if c.sampler == "exact": targets = sample_exact(features, refs, window, c.k, groups, pool_seed, c.chunk_size, progress=progress)
+        else: targets, summary["approx"] = sample_approx(features, refs, window, c.k, groups, pool_seed, c.sample_size, c.chunk_size, progress=progress)
+        if c.check_references:
+            check = {key: v for key, v in rank_accuracy(features, refs, targets, window, groups, c.check_references, c.seed).items() if key != "ranks"}
+    keep = np.ones(targets.shape, dtype=bool)
+    if kept is not None:                                  # only the chosen (reference, draw) slots
+        chosen = np.zeros((n_refs, c.k), dtype=bool); chosen.reshape(-1)[kept] = True
+        keep = chosen[np.unique(kept // c.k)]
+    pairs = [(names[r], names[t]) for r, row, row_keep in zip(refs, targets, keep) for t, slot in zip(row, row_keep) if slot]
+    return pairs, summary, check
+
+def _compose(c:PositivesConfig, model, pairs:list, caption_of:dict[str, str], patterns:dict[str, str]) -> tuple[list, list, list, list|None]:
+    "Texts, templates and fallbacks of the seeded choice per pair, and (per-epoch) every other template's text."
+    counter = token_counter(getattr(model, "tokenizer", None)) if model is not None else token_counter()
+    context = getattr(model, "context_length", 77) if model is not None else 77
+    options = text_options([caption_of[r] for r, _ in pairs], [caption_of[t] for _, t in pairs], patterns, counter, context)
+    choice = template_choice(len(options), len(patterns), c.seed)
+    chosen = [o[i] for o, i in zip(options, choice)]
+    several = c.text_choice == "per-epoch" and c.format != "fashioniq" and len(patterns) > 1
+    alternatives = [[t for j, (t, _, _) in enumerate(o) if j != i] for o, i in zip(options, choice)] if several else None
+    return [t for t, _, _ in chosen], [n for _, n, _ in chosen], [f for _, _, f in chosen], alternatives
+
+def generate_positives(config:PositivesConfig, # the job's settings
                        progress:bool=True # show progress bars
                       ) -> dict:
-    "Sample rank-window pairs, compose their texts and write them as extra triplets; returns a summary."
-    started = time.perf_counter()
-    if sampler not in SAMPLERS: raise SpnError(f"unknown sampler {sampler!r}, use one of {', '.join(SAMPLERS)}")
-    if sampler == "uniform": window = None                      # a uniform draw has no window
-    else:
-        if window is None: raise SpnError(f"the {sampler} sampler needs a window such as 10000:20000 or 0.2:0.5")
-        if model is None: raise SpnError(f"the {sampler} sampler needs a model to embed the images")
-        window = parse_window(window)
-    if max_triplets is not None and (isinstance(max_triplets, bool) or not isinstance(max_triplets, int) or max_triplets < 1):
-        raise SpnError(f"max_triplets must be a positive integer, got {max_triplets!r}")
-    template_patterns = parse_templates(templates, format)
-    out = Path(out)
-    cache_dir = out.parent/"embeddings" if cache_dir is None else Path(cache_dir)
-    splits = load_dataset(data, format, split, categories)
-    caption_of = read_captions(captions)
-    if model is not None and not isinstance(model, torch.nn.Module): model = load_model(model, device=pick_device(device))
-    images, category, skipped, human_refs = _pool(splits, caption_of, need_files=sampler != "uniform" or dedup)
-    pools = {c: [n for n in images if category[n] == c] for c in splits} if format == "fashioniq" and per_category else {"all": list(images)}
-    reference_lists = {p: [n for n in names if not refer_only or n in human_refs] for p, names in pools.items()}
-    slots = _choose_slots([len(r) for r in reference_lists.values()], k, max_triplets, seed)
+    "Sample rank-window pairs, compose their texts, write them as extra triplets and `settings.json` beside; returns a summary."
+    started, c = time.perf_counter(), config
+    patterns, out = parse_templates(c.templates, c.format), Path(c.out)
+    cache_dir = out.parent/"embeddings" if c.cache_dir is None else Path(c.cache_dir)
+    splits = load_dataset(c.data, c.format, c.split, c.categories)
+    caption_of = read_captions(c.captions)
+    model = None if c.model is None else load_model(c.model, device=pick_device(c.device))
+    images, category, skipped, human_refs = _pool(splits, caption_of, c.sampler != "uniform" or c.dedup, c.pool)
+    pools = {cat: [n for n in images if category[n] == cat] for cat in splits} if c.format == "fashioniq" and c.per_category else {"all": list(images)}
+    reference_lists = {p: [n for n in names if not c.refer_only or n in human_refs] for p, names in pools.items()}
+    slots = _choose_slots([len(r) for r in reference_lists.values()], c.k, c.max_triplets, c.seed)
     pairs, checks, pool_summary = [], {}, {}
     for (pool_name, names), kept in zip(pools.items(), slots):
         position = {n: i for i, n in enumerate(names)}
         refs = np.array([position[n] for n in reference_lists[pool_name]], dtype=np.int64)
-        if kept is not None: refs = refs[np.unique(kept // k)]
-        pool_images = {n: images[n] for n in names}
-        pool_summary[pool_name] = {"images": len(names), "references": len(refs)}
-        if not len(refs): continue
-        groups = duplicate_groups(pool_images, cache_dir, workers, progress) if dedup else None
-        if groups is not None: pool_summary[pool_name]["duplicate_images"] = int(len(groups) - len(np.unique(groups)))
-        pool_seed = int(_purpose_seed(seed, f"pool/{pool_name}") % np.uint64(2**62))
-        if sampler == "uniform": targets = sample_uniform(len(names), refs, k, groups, pool_seed)
-        else:
-            features = embed_images(model, pool_images, cache_dir, batch_size=batch_size, workers=workers,
-                                    precision=precision, progress=progress)[1].to(pick_device(device))
-            if sampler == "exact": targets = sample_exact(features, refs, window, k, groups, pool_seed, chunk_size, progress=progress)
-            else:
-                targets, pool_summary[pool_name]["approx"] = sample_approx(features, refs, window, k, groups, pool_seed, sample_size,
-                                                                           chunk_size, progress=progress)
-            if check_references:
-                check = rank_accuracy(features, refs, targets, window, groups, check_references, seed)
-                checks[pool_name] = {key: v for key, v in check.items() if key != "ranks"}
-        keep = np.ones(targets.shape, dtype=bool)
-        if kept is not None:                                  # only the chosen (reference, draw) slots
-            chosen = np.zeros((len(reference_lists[pool_name]), k), dtype=bool); chosen.reshape(-1)[kept] = True
-            keep = chosen[np.unique(kept // k)]
-        pairs += [(names[r], names[t]) for r, row, row_keep in zip(refs, targets, keep) for t, kept_slot in zip(row, row_keep) if kept_slot]
-    counter = token_counter(getattr(model, "tokenizer", None)) if model is not None else token_counter()
-    context = getattr(model, "context_length", 77) if model is not None else 77
-    texts, used, fell_back = compose_texts([caption_of[r] for r, _ in pairs], [caption_of[t] for _, t in pairs], template_patterns, seed, counter, context)
+        if kept is not None: refs = refs[np.unique(kept // c.k)]
+        found, pool_summary[pool_name], check = _sample_pool(c, model, pool_name, names, images, refs, kept,
+                                                             len(reference_lists[pool_name]), cache_dir, progress)
+        pairs += found
+        if check is not None: checks[pool_name] = check
+    texts, used, fell_back, alternatives = _compose(c, model, pairs, caption_of, patterns)
     first_pairid = 1 + max((t.pairid for s in splits.values() for t in s.triplets if t.pairid is not None), default=-1)
-    triplets = positive_triplets(pairs, texts, used, caption_of, format, category, first_pairid)
-    files = _output_files(out, format, triplets)
-    for path, records in files.items(): write_triplets(path, records, format)
-    return {"format": format, "split": split, "sampler": sampler, "window": None if window is None else str(window), "k": k,
-            "seed": seed, "triplets": len(triplets), "files": [str(p) for p in files], "pools": pool_summary,
-            "skipped_images": skipped, "templates": {n: used.count(n) for n in dict.fromkeys(list(template_patterns) + ["t2"]) if n in used},
-            "t2_fallbacks": sum(fell_back),
-            "rank_check": checks, "seconds": round(time.perf_counter() - started, 2)}
+    triplets = positive_triplets(pairs, texts, used, caption_of, c.format, category, first_pairid, alternatives)
+    files = _output_files(out, c.format, triplets)
+    for path, records in files.items(): write_triplets(path, records, c.format)
+    write_settings(c, str(out).replace("{category}", "all"), output_is_file=True)
+    window = None if c.sampler == "uniform" else str(parse_window(c.window))
+    return {"format": c.format, "split": c.split, "sampler": c.sampler, "window": window, "k": c.k, "seed": c.seed,
+            "pool": c.pool, "text_choice": "fixed" if alternatives is None else "per-epoch", "triplets": len(triplets),
+            "files": [str(p) for p in files], "pools": pool_summary, "skipped_images": skipped,
+            "templates": {n: used.count(n) for n in dict.fromkeys(list(patterns) + ["t2", "removal"]) if n in used},
+            "t2_fallbacks": sum(fell_back), "rank_check": checks, "seconds": round(time.perf_counter() - started, 2)}

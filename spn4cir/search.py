@@ -16,15 +16,14 @@ import torch.nn.functional as F
 from . import __version__
 from .core import Config, SpnError, append_jsonl, atomic_save, check_number, read_json, read_jsonl, write_json, write_settings
 from .data import load_dataset, load_image, split_image_names
-from .images import image_fingerprint
+from .images import IMAGE_SUFFIXES, image_fingerprint
 
 # %% auto #0
-__all__ = ['INDEX_VERSION', 'IMAGE_SUFFIXES', 'folder_images', 'read_manifest', 'check_model', 'index_images', 'SavedIndex',
-           'compose_queries', 'IndexConfig', 'build_index', 'SearchConfig', 'search', 'draw_strip', 'index_explorer']
+__all__ = ['INDEX_VERSION', 'folder_images', 'read_manifest', 'check_model', 'index_images', 'SavedIndex', 'compose_queries',
+           'IndexConfig', 'build_index', 'SearchConfig', 'search', 'draw_strip', 'index_explorer']
 
 # %% ../nbs/13_search.ipynb #75ba4ddf
 INDEX_VERSION = 1
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 def folder_images(folder:str|os.PathLike # the images folder (searched recursively)
                  ) -> tuple[list[Path], list[str]]:

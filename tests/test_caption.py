@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from spn4cir.core import SpnError, read_jsonl
-from spn4cir.caption import (ClipVocabCaptioner, HFCaptioner, MetadataCaptioner, caption_dataset, caption_images,
+from spn4cir.caption import (CaptionConfig, ClipVocabCaptioner, HFCaptioner, MetadataCaptioner, caption_dataset, caption_images,
                              folder_images, make_captioner, parse_shard, read_captions, save_tiny_hf_captioner,
                              shard_names, slot_accuracy, trim_words)
 
@@ -160,7 +160,7 @@ def test_clip_vocab_greedy_never_beats_joint(clip):
 
 def test_clip_vocab_reads_a_vocab_file_and_accuracy(clip, tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps(VOCAB))
-    cap = make_captioner("clip-vocab", model=clip, vocab=tmp_path / "vocab.json")
+    cap = make_captioner(CaptionConfig(tmp_path, "folder", "clip-vocab", tmp_path / "c.jsonl", model="spn-tiny-vit", vocab=str(tmp_path / "vocab.json")))
     assert cap.provenance["vocab"] == str(tmp_path / "vocab.json")
     pred = {"a": {"size": "small", "colour": "red", "shape": "star"}, "b": {"size": "large", "colour": "red", "shape": "star"}}
     gold = {"a": {"size": "small", "colour": "red", "shape": "star"}, "b": {"size": "small", "colour": "blue", "shape": "star"},
@@ -238,21 +238,22 @@ def test_caption_dataset_on_shapes_cir(tmp_path):
     from spn4cir.synthetic import write_shapes_cir
     data = tmp_path / "shapes"
     write_shapes_cir(data, "cirr", n_train_triplets=8, n_unlabeled=15, n_val=4, n_test=4, n_pretrain=4, n_duplicates=1, progress=False)
-    summary = caption_dataset(data, "cirr", "metadata", tmp_path / "cap.jsonl", progress=False)
+    summary = caption_dataset(CaptionConfig(data, "cirr", "metadata", tmp_path / "cap.jsonl"), progress=False)
     oracle = read_captions(data / "oracle_captions.jsonl")
     got = read_captions(tmp_path / "cap.jsonl")
     assert got == oracle and summary["images"] == len(oracle)
-    for i in range(3): caption_dataset(data, "cirr", "metadata", tmp_path / f"s{i}.jsonl", shard=f"{i}/3", progress=False)
+    for i in range(3): caption_dataset(CaptionConfig(data, "cirr", "metadata", tmp_path / f"s{i}.jsonl", shard=f"{i}/3"), progress=False)
     assert sum(len(read_jsonl(tmp_path / f"s{i}.jsonl")) for i in range(3)) == len(oracle)
-    cv = caption_dataset(data, "cirr", "clip-vocab", tmp_path / "cv.jsonl", model="spn-tiny-vit", progress=False)
+    cv = caption_dataset(CaptionConfig(data, "cirr", "clip-vocab", tmp_path / "cv.jsonl", model="spn-tiny-vit"), progress=False)
     acc = slot_accuracy(tmp_path / "cv.jsonl", data / "metadata.jsonl")
     assert cv["images"] == len(oracle) and acc["images"] == len(oracle) and set(acc) >= {"colour", "shape", "all"}
 
 def test_entry_point_errors(tmp_path):
-    with pytest.raises(SpnError, match="unknown captioner"): make_captioner("gpt")
-    with pytest.raises(SpnError, match="needs a model"): make_captioner("hf")
-    with pytest.raises(SpnError, match="needs a captions file"): make_captioner("metadata")
-    with pytest.raises(SpnError, match="needs a vocabulary"): make_captioner("clip-vocab", model="spn-tiny-vit")
+    settings = lambda captioner, **kw: CaptionConfig(tmp_path, "folder", captioner, tmp_path / "c.jsonl", **kw)
+    with pytest.raises(SpnError, match="unknown captioner"): make_captioner(settings("gpt"))
+    with pytest.raises(SpnError, match="needs a model"): make_captioner(settings("hf"))
+    with pytest.raises(SpnError, match="needs a captions file"): make_captioner(settings("metadata"))
+    with pytest.raises(SpnError, match="needs a vocabulary"): make_captioner(settings("clip-vocab", model="spn-tiny-vit"))
 
 # ---------------------------------------------------------------- SIGKILL in the middle of a run
 
@@ -301,9 +302,9 @@ def test_sigkill_hf_run_matches_uninterrupted(tmp_path, tiny_models):
     _picture_folder(tmp_path / "pics", 24)
     script = textwrap.dedent("""
         import os, sys; os.environ["HF_HUB_OFFLINE"] = "1"
-        from spn4cir.caption import caption_dataset
-        caption_dataset(sys.argv[1], "folder", "hf", sys.argv[2], model=sys.argv[3], max_words=4, max_new_tokens=6,
-                        batch_size=2, progress=False)
+        from spn4cir.caption import CaptionConfig, caption_dataset
+        caption_dataset(CaptionConfig(sys.argv[1], "folder", "hf", sys.argv[2], model=sys.argv[3], max_words=4, max_new_tokens=6,
+                                      batch_size=2), progress=False)
     """)
     cmd = lambda out: [sys.executable, "-c", script, str(tmp_path / "pics"), str(out), str(tiny_models["llava"])]
     subprocess.run(cmd(tmp_path / "clean.jsonl"), check=True, capture_output=True)

@@ -399,6 +399,20 @@ def test_unknown_origin_of_a_quickgelu_only_model_is_refused(tmp_path):
         create_backbone(f"RN50x4:{tmp_path / 'rn50x4.pt'}")
 
 
+@pytest.mark.parametrize("wording", [
+    "Weights only load failed. ... Trying to load unsupported GLOBAL posix.system whose module posix is blocked.",   # torch 2.14
+    "Weights only load failed. Unsupported global: GLOBAL posix.system was not an allowed global by default.",     # older torch
+    "Weights only load failed: something torch has not said before"])
+def test_malicious_pickle_refusal_names_the_blocked_global_whatever_torch_says(tmp_path, monkeypatch, wording):
+    "The refusal is found from the failure's type and the file's own opcodes, not from torch's wording."
+    import os, pickle
+    torch.save({"weights": torch.zeros(2), "payload": os.system}, tmp_path / "evil.pt")
+    def refuse(*args, **kwargs): raise pickle.UnpicklingError(wording)
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(SpnError) as err: read_weights(tmp_path / "evil.pt")
+    msg = str(err.value)
+    assert "evil.pt: refused to load" in msg and "could run arbitrary code" in msg and f"{os.system.__module__}.system" in msg
+
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 def test_pickled_objects_are_refused_with_the_reason(tmp_path):
     net, _ = create_backbone("spn-tiny-vit")

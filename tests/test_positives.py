@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from spn4cir.core import SpnError, write_jsonl
 from spn4cir.data import read_triplets
-from spn4cir.positives import (Window, compose_texts, embed_images, generate_positives, parse_templates, parse_window,
+from spn4cir.positives import (PositivesConfig, Window, compose_texts, embed_images, generate_positives, parse_templates, parse_window,
                                rank_accuracy, sample_approx, sample_exact, sample_uniform, sampled_ranks, token_counter)
 
 
@@ -200,8 +200,8 @@ def _captions(src, dst, words=8, drop=0):
 def test_generate_cirr_round_trip(shapes, tmp_path):
     from spn4cir.data import load_dataset
     caps = _captions(shapes/"cirr/oracle_captions.jsonl", tmp_path/"c.jsonl", drop=5)
-    summary = generate_positives(shapes/"cirr", "cirr", tmp_path/"c.jsonl", tmp_path/"pos.json", model=shapes/"ckpt",
-                                 window="0.1:0.6", k=2, seed=3, progress=False)
+    summary = generate_positives(PositivesConfig(shapes/"cirr", "cirr", tmp_path/"c.jsonl", tmp_path/"pos.json", model=shapes/"ckpt",
+                                 window="0.1:0.6", k=2, seed=3), progress=False)
     triplets = read_triplets(tmp_path/"pos.json", "cirr")
     human = load_dataset(shapes/"cirr", "cirr", "train")["all"]
     assert summary["skipped_images"] == {"no_caption": 5, "missing_file": 0}
@@ -218,8 +218,8 @@ def test_generate_cirr_round_trip(shapes, tmp_path):
     # same arguments, same file; the embeddings come from the cache the first run wrote
     cache = sorted((tmp_path/"embeddings").glob("images-*.safetensors"))
     stamp = [p.stat().st_mtime_ns for p in cache]
-    again = generate_positives(shapes/"cirr", "cirr", tmp_path/"c.jsonl", tmp_path/"pos2.json", model=shapes/"ckpt",
-                               window="0.1:0.6", k=2, seed=3, progress=False)
+    again = generate_positives(PositivesConfig(shapes/"cirr", "cirr", tmp_path/"c.jsonl", tmp_path/"pos2.json", model=shapes/"ckpt",
+                               window="0.1:0.6", k=2, seed=3), progress=False)
     assert (tmp_path/"pos2.json").read_text() == (tmp_path/"pos.json").read_text()
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path/"embeddings").glob("images-*.safetensors"))] == stamp
     assert again["triplets"] == summary["triplets"]
@@ -229,8 +229,8 @@ def test_generate_fashioniq_per_category_files(shapes, tmp_path):
     from spn4cir.data import load_dataset
     _captions(shapes/"fiq/oracle_captions.jsonl", tmp_path/"c.jsonl")
     splits = load_dataset(shapes/"fiq", "fashioniq", "train")
-    summary = generate_positives(shapes/"fiq", "fashioniq", tmp_path/"c.jsonl", tmp_path/"pos.{category}.json", model=shapes/"ckpt",
-                                 window="0.2:0.5", refer_only=True, seed=0, per_category=True, progress=False)
+    summary = generate_positives(PositivesConfig(shapes/"fiq", "fashioniq", tmp_path/"c.jsonl", tmp_path/"pos.{category}.json", model=shapes/"ckpt",
+                                 window="0.2:0.5", refer_only=True, seed=0, per_category=True), progress=False)
     assert sorted(summary["pools"]) == sorted(splits)
     total = 0
     for category, split in splits.items():
@@ -244,28 +244,28 @@ def test_generate_fashioniq_per_category_files(shapes, tmp_path):
 def test_generate_uniform_single_file_max_triplets(shapes, tmp_path):
     from spn4cir.data import load_dataset
     _captions(shapes/"fiq/oracle_captions.jsonl", tmp_path/"c.jsonl")
-    summary = generate_positives(shapes/"fiq", "fashioniq", tmp_path/"c.jsonl", tmp_path/"out.json", sampler="uniform",
-                                 k=3, max_triplets=25, templates=["t0", "{1} but not {0}"], seed=1, progress=False)
+    summary = generate_positives(PositivesConfig(shapes/"fiq", "fashioniq", tmp_path/"c.jsonl", tmp_path/"out.json", sampler="uniform",
+                                 k=3, max_triplets=25, templates=["t0", "{1} but not {0}"], seed=1), progress=False)
     triplets = read_triplets(tmp_path/"out.json", "fashioniq")
     assert summary["triplets"] == len(triplets) == 25 and summary["rank_check"] == {}
     categories = {name: c for c, split in load_dataset(shapes/"fiq", "fashioniq", "train").items() for name in split.images}
     assert all(t.extra["category"] == categories[t.reference] for t in triplets)
     assert len({t.extra["category"] for t in triplets}) > 1                                  # one shared pool across categories
     assert all(t.extra["template"] in ("t0", "{1} but not {0}", "t2") for t in triplets)
-    again = generate_positives(shapes/"fiq", "fashioniq", tmp_path/"c.jsonl", tmp_path/"out2.json", sampler="uniform",
-                               k=3, max_triplets=25, templates=["t0", "{1} but not {0}"], seed=1, progress=False)
+    again = generate_positives(PositivesConfig(shapes/"fiq", "fashioniq", tmp_path/"c.jsonl", tmp_path/"out2.json", sampler="uniform",
+                               k=3, max_triplets=25, templates=["t0", "{1} but not {0}"], seed=1), progress=False)
     assert (tmp_path/"out2.json").read_text() == (tmp_path/"out.json").read_text() and again["triplets"] == 25
 
 
 def test_generate_bad_inputs(shapes, tmp_path):
     _captions(shapes/"cirr/oracle_captions.jsonl", tmp_path/"c.jsonl")
     with pytest.raises(SpnError, match="pool holds only"):
-        generate_positives(shapes/"cirr", "cirr", tmp_path/"c.jsonl", tmp_path/"o.json", model=shapes/"ckpt", window="10000:20000", progress=False)
+        generate_positives(PositivesConfig(shapes/"cirr", "cirr", tmp_path/"c.jsonl", tmp_path/"o.json", model=shapes/"ckpt", window="10000:20000"), progress=False)
     with pytest.raises(SpnError, match="lacks {1}"):
-        generate_positives(shapes/"cirr", "cirr", tmp_path/"c.jsonl", tmp_path/"o.json", sampler="uniform", templates=["{0}"], progress=False)
+        generate_positives(PositivesConfig(shapes/"cirr", "cirr", tmp_path/"c.jsonl", tmp_path/"o.json", sampler="uniform", templates=["{0}"]), progress=False)
     (tmp_path/"bad.jsonl").write_text('{"image": "x"}\n')
     with pytest.raises(SpnError, match="bad.jsonl"):
-        generate_positives(shapes/"cirr", "cirr", tmp_path/"bad.jsonl", tmp_path/"o.json", sampler="uniform", progress=False)
+        generate_positives(PositivesConfig(shapes/"cirr", "cirr", tmp_path/"bad.jsonl", tmp_path/"o.json", sampler="uniform"), progress=False)
     assert not (tmp_path/"o.json").exists()
 
 

@@ -139,6 +139,13 @@ def _loads_or_spn_error(fn) -> str:
     except SpnError: return "refused"
     return "loaded"
 
+_NEST = "\u0000nest"   # a placeholder value, replaced by `depth` nested arrays in the written text
+_DEPTHS = st.sampled_from([0] * 6 + [50, 2000, 100_000])   # JSON nesting depth (0: none); Python's json recurses per level
+
+def _nested(text:str, depth:int) -> str:
+    "The JSON text with every placeholder value replaced by `depth` nested arrays."
+    return text.replace(json.dumps(_NEST), "[" * depth + "]" * depth) if depth else text
+
 _FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 @pytest.mark.parametrize("fmt", ["cirr", "fashioniq", "jsonl"])
@@ -146,11 +153,12 @@ def test_annotation_readers_load_or_raise_spn_error(tmp_path, fmt):
     path, seen = tmp_path/"c.json", set()
 
     @_FUZZ
-    @given(records=_near_records(fmt), raw=st.binary(max_size=60), use_raw=st.integers(0, 3))
-    def check(records, raw, use_raw):
+    @given(records=_near_records(fmt), raw=st.binary(max_size=60), use_raw=st.integers(0, 3), depth=_DEPTHS)
+    def check(records, raw, use_raw, depth):
+        if depth: records = records[:1] + [{"caption": _NEST, "captions": [_NEST], "texts": _NEST}]
         if use_raw == 0: path.write_bytes(raw)
-        elif fmt == "jsonl": path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        else: path.write_text(json.dumps(records))
+        elif fmt == "jsonl": path.write_text("".join(_nested(json.dumps(r), depth) + "\n" for r in records))
+        else: path.write_text(_nested(json.dumps(records), depth))
         seen.add(_loads_or_spn_error(lambda: read_triplets(path, fmt)))
         _loads_or_spn_error(lambda: read_json(path))
         _loads_or_spn_error(lambda: read_jsonl(path))
@@ -167,11 +175,12 @@ def test_whole_splits_load_or_raise_spn_error(tmp_path, fmt):
     seen = set()
 
     @_FUZZ
-    @given(records=_near_records(fmt), listing=_near_listing(fmt), with_list=st.booleans())
-    def check(records, listing, with_list):
+    @given(records=_near_records(fmt), listing=_near_listing(fmt), with_list=st.booleans(), depth=_DEPTHS)
+    def check(records, listing, with_list, depth):
         if fmt == "jsonl": caption_file.write_text("".join(json.dumps(r) + "\n" for r in records))
         else: caption_file.write_text(json.dumps(records))
-        if with_list or fmt != "jsonl": image_file.write_text(json.dumps(listing))
+        if depth: listing = _NEST if fmt == "fashioniq" else {"r": _NEST}
+        if with_list or fmt != "jsonl": image_file.write_text(_nested(json.dumps(listing), depth))
         else: image_file.unlink(missing_ok=True)
         seen.add(_loads_or_spn_error(lambda: load_dataset(root, fmt, "val")))
     check()
@@ -205,3 +214,30 @@ class _RunsCode:
     "Unpickling this creates a folder: the stand-in for arbitrary code."
     def __init__(self, marker): self.marker = str(marker)
     def __reduce__(self): return (os.makedirs, (self.marker,))
+
+
+# ---------------------------------------------------------------- deeply nested JSON: SpnError, never RecursionError
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+def test_deeply_nested_json_is_refused_by_every_reader(tmp_path):
+    "An annotation, an image split, a captions.jsonl line, an --extra file, a checkpoint's config.json, a settings.json."
+    from spn4cir.caption import read_captions
+    from spn4cir.core import read_settings
+    from spn4cir.models import load_checkpoint, load_model, save_checkpoint
+    from spn4cir.positives import PositivesConfig
+    root = tmp_path/"ds"; (root/"captions").mkdir(parents=True); (root/"image_splits").mkdir()
+    (root/"captions/cap.rc2.val.json").write_text(_DEEP)
+    with pytest.raises(SpnError, match="nested too deeply"): load_dataset(root, "cirr", "val")
+    (root/"captions/cap.rc2.val.json").write_text(json.dumps([_VALID["cirr"](0)]))
+    (root/"image_splits/split.rc2.val.json").write_text('{"r": ' + _DEEP + "}")
+    with pytest.raises(SpnError, match="split.rc2.val.json: JSON nested too deeply"): load_dataset(root, "cirr", "val")
+    (tmp_path/"captions.jsonl").write_text('{"image": "a", "caption": "x"}\n{"image": "b", "caption": ' + _DEEP + "}\n")
+    with pytest.raises(SpnError, match="record line 2: JSON nested too deeply"): read_captions(tmp_path/"captions.jsonl")
+    (tmp_path/"extra.json").write_text(_DEEP)
+    with pytest.raises(SpnError, match="extra.json: JSON nested too deeply"): read_triplets(tmp_path/"extra.json", "cirr")
+    folder = save_checkpoint(load_model("spn-tiny-vit"), tmp_path/"ckpt")
+    (folder/"config.json").write_text(_DEEP)
+    with pytest.raises(SpnError, match="config.json: JSON nested too deeply"): load_checkpoint(folder)
+    (tmp_path/"settings.json").write_text(_DEEP)
+    with pytest.raises(SpnError, match="nested too deeply"): read_settings(tmp_path/"settings.json", PositivesConfig)
