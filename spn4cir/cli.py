@@ -120,9 +120,10 @@ def _add_pretrain(sub):
     _device_args(p)
 
 def _run_pretrain(args):
-    from spn4cir.pretrain import pretrain_clip
-    history = pretrain_clip(args.data, args.out, captions=args.captions, model=args.model, epochs=args.epochs,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, precision=args.precision)
+    from spn4cir.pretrain import PretrainConfig, pretrain_clip
+    history = pretrain_clip(PretrainConfig(args.data, args.out, captions=args.captions, model=args.model, epochs=args.epochs,
+                                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                                           precision=args.precision))
     return {"out": args.out, "init": history.get("init"), "last_epoch": history["epochs"][-1], "seconds": history["seconds"]}
 
 # %% ../nbs/11_cli.ipynb #db07f90b
