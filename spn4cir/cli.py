@@ -152,16 +152,16 @@ def _add_train(sub):
 
 def _run_train(args):
     common = dict(extra=args.extra, extra_ratio=args.extra_ratio, no_human=args.no_human, resume=args.resume, seed=args.seed,
-                  device=args.device, precision=args.precision)
+                  device=args.device, precision=args.precision, protocol=args.protocol)
     given = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, tau=args.tau).items() if v is not None}
     if args.stage == 1:
-        from spn4cir.stage1 import train_stage1
-        summary = train_stage1(args.data, args.format, args.model, args.out, train_part=args.train_part, combiner=args.combiner,
-                               accum=args.accum, protocol=args.protocol, **common, **given)
+        from spn4cir.stage1 import Stage1Config, train_stage1
+        summary = train_stage1(Stage1Config(args.data, args.format, args.model, args.out, train_part=args.train_part, combiner=args.combiner,
+                                            accum=args.accum, **common, **given))
     else:
-        from spn4cir.stage2 import train_stage2
-        summary = train_stage2(args.data, args.format, args.model, args.out, neg_num=args.neg_num,
-                               extra_negatives=args.extra_negatives, **common, **given)
+        from spn4cir.stage2 import Stage2Config, train_stage2
+        summary = train_stage2(Stage2Config(args.data, args.format, args.model, args.out, neg_num=args.neg_num,
+                                            extra_negatives=args.extra_negatives, **common, **given))
     return {k: v for k, v in summary.items() if k != "history"}  # the history is in OUT, one line per epoch
 
 # %% ../nbs/11_cli.ipynb #cdfbb333

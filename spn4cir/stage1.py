@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .core import Config, SpnError, check_number, pick_precision, seed_everything
 from .data import ImageDataset, Triplet, fashioniq_train_text, load_dataset, load_image, read_triplets
-from .engine import (SCHEDULES, Plan, RunFiles, TrainJob, check_count, cir_train_mode, ddp_wrap, distributed,
+from .engine import (SCHEDULES, Plan, RunFiles, TrainJob, check_count, cir_train_mode, cir_validation, ddp_wrap, distributed,
                             distributed_run, file_names, lr_factor, open_run, resolved_settings, rng_stream, run_epochs,
                             text_rng, validate_cir)
 from .evaluate import FASHIONIQ_PROTOCOLS
@@ -354,6 +354,7 @@ def train_stage1(config:Stage1Config, # the run's settings
                             progress=progress and rank == 0)
         net, params = _stage1_model(config, state, dev)
         job, cached = _stage1_job(config, net, tset, rank, world, dev, progress)
+        job.validation = cir_validation(config, dtype)
         total = config.epochs * math.ceil(len(job.batches(1)) / config.accum)
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, total, round(config.warmup * total)))
