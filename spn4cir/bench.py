@@ -237,19 +237,19 @@ def bench_stage2_epoch(quick:bool=False, # tiny ViT at 64 px and 48 triplets
                       ) -> dict:
     "Wall time of one stage-1 epoch against one stage-2 epoch over the same triplets."
     from spn4cir.synthetic import write_shapes_cir
-    from spn4cir.stage1 import train_stage1
-    from spn4cir.stage2 import train_stage2
+    from spn4cir.stage1 import Stage1Config, train_stage1
+    from spn4cir.stage2 import Stage2Config, train_stage2
     spec, n, batch = ("spn-tiny-vit", 48, 16) if quick else ("ViT-B-32", 96, 32)
     work = Path(workdir or tempfile.mkdtemp()) / "stage2_epoch"
     if work.exists(): shutil.rmtree(work)
     data = work / "shapes"
     write_shapes_cir(data, "cirr", n_train_triplets=n, n_unlabeled=0, n_val=4, n_test=2, n_pretrain=0, n_duplicates=0, workers=1,
                      progress=False)
-    common = dict(epochs=1, batch_size=batch, device=device, eval_batch_size=32, progress=False)
+    common = dict(epochs=1, batch_size=batch, device=device, eval_batch_size=32)
     _log(f"stage2_epoch: stage 1, {spec}, {n} triplets")
-    one = train_stage1(data, "cirr", spec, work / "stage1", lr=1e-6, workers=0, **common)
+    one = train_stage1(Stage1Config(data, "cirr", spec, work / "stage1", lr=1e-6, workers=0, **common), progress=False)
     _log("stage2_epoch: stage 2 from that checkpoint")
-    two = train_stage2(data, "cirr", work / "stage1", work / "stage2", lr=1e-6, **common)
+    two = train_stage2(Stage2Config(data, "cirr", work / "stage1", work / "stage2", lr=1e-6, **common), progress=False)
     s1, s2 = one["history"][-1], two["history"][-1]
     shutil.rmtree(work / "stage1"); shutil.rmtree(work / "stage2")                           # checkpoints are large (ViT-B/32)
     steps = s1["steps"]

@@ -268,9 +268,10 @@ def _add_pretrain(sub):
     _device_args(p)
 
 def _run_pretrain(args):
-    from spn4cir.pretrain import pretrain_clip
-    history = pretrain_clip(args.data, args.out, captions=args.captions, model=args.model, epochs=args.epochs,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, precision=args.precision)
+    from spn4cir.pretrain import PretrainConfig, pretrain_clip
+    history = pretrain_clip(PretrainConfig(args.data, args.out, captions=args.captions, model=args.model, epochs=args.epochs,
+                                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                                           precision=args.precision))
     return {"out": args.out, "init": history.get("init"), "last_epoch": history["epochs"][-1], "seconds": history["seconds"]}
 
 # %% ../nbs/11_cli.ipynb #db07f90b
@@ -299,16 +300,16 @@ def _add_train(sub):
 
 def _run_train(args):
     common = dict(extra=args.extra, extra_ratio=args.extra_ratio, no_human=args.no_human, resume=args.resume, seed=args.seed,
-                  device=args.device, precision=args.precision)
+                  device=args.device, precision=args.precision, protocol=args.protocol)
     given = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, tau=args.tau).items() if v is not None}
     if args.stage == 1:
-        from spn4cir.stage1 import train_stage1
-        summary = train_stage1(args.data, args.format, args.model, args.out, train_part=args.train_part, combiner=args.combiner,
-                               accum=args.accum, protocol=args.protocol, **common, **given)
+        from spn4cir.stage1 import Stage1Config, train_stage1
+        summary = train_stage1(Stage1Config(args.data, args.format, args.model, args.out, train_part=args.train_part, combiner=args.combiner,
+                                            accum=args.accum, **common, **given))
     else:
-        from spn4cir.stage2 import train_stage2
-        summary = train_stage2(args.data, args.format, args.model, args.out, neg_num=args.neg_num,
-                               extra_negatives=args.extra_negatives, **common, **given)
+        from spn4cir.stage2 import Stage2Config, train_stage2
+        summary = train_stage2(Stage2Config(args.data, args.format, args.model, args.out, neg_num=args.neg_num,
+                                            extra_negatives=args.extra_negatives, **common, **given))
     return {k: v for k, v in summary.items() if k != "history"}  # the history is in OUT, one line per epoch
 
 # %% ../nbs/11_cli.ipynb #cdfbb333

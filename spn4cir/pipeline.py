@@ -128,17 +128,18 @@ def _row_slug(name:str) -> str: return {"zero-shot": "zero-shot", "baseline": "b
 def _train_row(name:str, stage1:bool, positives:bool, stage2:bool, out:Path, data:Path, format:str, settings:dict,
                pretrained:Path, extra:Path, seed:int, device, precision) -> Path:
     "Train one row (if it trains) and return its model folder."
-    from spn4cir.stage1 import train_stage1
-    from spn4cir.stage2 import train_stage2
+    from spn4cir.stage1 import Stage1Config, train_stage1
+    from spn4cir.stage2 import Stage2Config, train_stage2
     run = out / "runs" / _row_slug(name)
-    common = dict(seed=seed, device=device, precision=precision, resume=True, progress=False)
+    common = dict(seed=seed, device=device, precision=precision, resume=True)
     if not stage1: return pretrained
     options = dict(settings["stage2" if stage2 else "stage1"])
     if positives: options["extra"] = extra
     else: options.pop("extra_ratio")
     if stage2:   # stage 2 starts from the stage-1 row with the same positives
-        train_stage2(data, format, out / "runs" / _row_slug("+P" if positives else "baseline"), run, **options, **common)
-    else: train_stage1(data, format, pretrained, run, **options, **common)
+        train_stage2(Stage2Config(data, format, out / "runs" / _row_slug("+P" if positives else "baseline"), run, **options, **common),
+                     progress=False)
+    else: train_stage1(Stage1Config(data, format, pretrained, run, **options, **common), progress=False)
     return run
 
 def _history_files(out:Path) -> dict[str, Path]:
@@ -174,7 +175,7 @@ def run_demo(config:DemoConfig|None=None, # the demo's settings (None: the defau
             ) -> dict:
     "Run the SPN ablation on Shapes-CIR end to end and write report.json, report.md and plots into `out`."
     from spn4cir.synthetic import SPLITS, write_shapes_cir
-    from spn4cir.pretrain import pretrain_clip
+    from spn4cir.pretrain import PretrainConfig, pretrain_clip
     from spn4cir.caption import CaptionConfig, caption_dataset, slot_accuracy
     from spn4cir.positives import PositivesConfig, generate_positives
     from spn4cir.evaluate import evaluate_model, headline_score
@@ -193,8 +194,8 @@ def run_demo(config:DemoConfig|None=None, # the demo's settings (None: the defau
     steps["data"] = run_step(out, "data", base | settings["data"],
                              lambda: write_shapes_cir(data, format, seed=seed, **settings["data"], progress=False), log, [data])
     steps["pretrain"] = run_step(out, "pretrain", base | settings["data"] | settings["pretrain"],
-                                 lambda: {k: v for k, v in pretrain_clip(data, pretrained, **settings["pretrain"], seed=seed, device=device,
-                                                                         precision=precision, progress=False).items() if k != "step_loss"},
+                                 lambda: {k: v for k, v in pretrain_clip(PretrainConfig(data, pretrained, **settings["pretrain"], seed=seed,
+                                                                         device=device, precision=precision), progress=False).items() if k != "step_loss"},
                                  log, [pretrained])
     caption_opts = dict(settings["caption"]); captioner = caption_opts.pop("captioner")
     def caption():

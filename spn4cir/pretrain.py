@@ -4,23 +4,24 @@
 
 # %% ../nbs/03b_pretrain.ipynb #384bbe71
 from __future__ import annotations
-import math, os, time
+import math, os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from .core import (SpnError, atomic_save, autocast, pick_device, pick_precision, read_json, read_jsonl,
-                          resolve_inside, seed_everything, write_json)
+from .core import Config, SpnError, check_number, pick_device, pick_precision, read_jsonl, resolve_inside, seed_everything
 from .data import load_image
-from .models import CIRModel, load_model, load_state_strict, save_checkpoint, set_trainable
+from .engine import (Plan, RunFiles, TrainJob, check_count, lr_factor, open_run, resolved_settings, rng_stream,
+                            run_epochs)
+from .models import CIRModel, load_checkpoint, load_model, set_trainable
 
 # %% auto #0
 __all__ = ['read_caption_pool', 'split_pool', 'CaptionPairs', 'clip_loss', 'retrieval_recall', 'embed_pairs',
-           'evaluate_retrieval', 'pretrain_clip']
+           'evaluate_retrieval', 'PretrainConfig', 'pretrain_clip']
 
 # %% ../nbs/03b_pretrain.ipynb #8d5ef026
 def read_caption_pool(captions:str|os.PathLike, # JSONL of {"image": path relative to root, "caption": text}
@@ -118,9 +119,42 @@ def evaluate_retrieval(model:CIRModel, # the model
     losses = [clip_loss(i, t, scale).item() for i, t in zip(image_features.split(batch_size), text_features.split(batch_size)) if len(i) > 1]
     return {**retrieval_recall(image_features, text_features), "loss": round(sum(losses) / max(len(losses), 1), 4)}
 
-# %% ../nbs/03b_pretrain.ipynb #8347d512
-_RESULT_ARGS = ("model", "epochs", "batch_size", "lr", "weight_decay", "warmup", "val_fraction", "max_val", "seed", "precision")
+# %% ../nbs/03b_pretrain.ipynb #95d0bbbe
+@dataclass
+class PretrainConfig(Config):
+    "Settings of `pretrain_clip` (`spn4cir pretrain`)."
+    job:ClassVar[str] = "pretrain"
+    paths:ClassVar[tuple[str, ...]] = ("data", "out", "captions", "model")
+    data:str # the folder the caption file's image paths are relative to
+    out:str # checkpoint folder to write (resumed when it holds a run with the same settings)
+    captions:str|None = None # JSONL of {"image", "caption"}; default DATA/pretrain_captions.jsonl
+    model:str = "spn-tiny-rn" # what to start from: an open_clip config name, NAME:PRETRAINED, or a checkpoint folder
+    epochs:int = 10 # passes over the training pairs
+    batch_size:int = 128 # pairs per step (the contrastive batch)
+    lr:float = 1e-3 # peak learning rate
+    weight_decay:float = 0.1 # AdamW weight decay on weight matrices
+    warmup:float = 0.1 # share of the steps spent warming up
+    val_fraction:float = 0.1 # share of the pairs held out for retrieval
+    max_val:int = 1000 # at most this many held-out pairs
+    seed:int = 0 # initialisation, split and batch order
+    device:str|None = None # 'cpu', 'cuda', ... (default: CUDA when present)
+    precision:Literal["fp32", "bf16", "fp16"]|None = None # autocast dtype (default: bf16/fp16 on CUDA, fp32 on CPU)
+    num_workers:int|None = None # data-loader workers (default: 0 on CPU, up to 8 on CUDA)
+    resume:bool = True # continue a run found in OUT (with the same settings)
 
+    def check(self):
+        check_count(self, "epochs"); check_count(self, "batch_size", 2); check_count(self, "max_val", 0)
+        check_count(self, "num_workers", 0, optional=True)
+        check_number(self, "lr", 0, above=True); check_number(self, "weight_decay", 0)
+        for name in ("warmup", "val_fraction"):
+            check_number(self, name, 0)
+            if getattr(self, name) >= 1: raise SpnError(f"{name} is a share in [0, 1), got {getattr(self, name)}")
+
+    def changeable(self) -> tuple[str, ...]:
+        "Settings a resumed run may change (the epochs shape the cosine schedule, so they may not)."
+        return ("resume", "device", "num_workers")
+
+# %% ../nbs/03b_pretrain.ipynb #6ef09ac9
 def _decay_groups(model:torch.nn.Module, weight_decay:float) -> list[dict]:
     "AdamW groups: decay on weight matrices only (not on gains, biases, embeddings of position or the temperature)."
     decay, rest = [], []
@@ -129,93 +163,66 @@ def _decay_groups(model:torch.nn.Module, weight_decay:float) -> list[dict]:
         (decay if p.ndim >= 2 and "positional_embedding" not in name and "class_embedding" not in name else rest).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
-def _warmup_cosine(total_steps:int, warmup_steps:int):
-    "Learning-rate factor per step: linear warmup, then cosine decay to zero."
-    def factor(step:int) -> float:
-        if step < warmup_steps: return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+class _PretrainJob(TrainJob):
+    "CLIP's contrastive step on image-caption pairs, for the engine."
+    name, keep = "pretrain", "last"
+    def __init__(self, model:CIRModel, train:CaptionPairs, val:CaptionPairs, batch:int, seed:int, workers:int, summary):
+        self.model, self.train, self.val, self.batch, self.seed, self.workers, self.summary = model, train, val, batch, seed, workers, summary
 
-# %% ../nbs/03b_pretrain.ipynb #fc15c3b4
-def pretrain_clip(data:str|os.PathLike, # the folder the caption file's image paths are relative to
-                  out:str|os.PathLike, # checkpoint folder to write (resumed when it holds a run with the same settings)
-                  captions:str|os.PathLike|None=None, # JSONL of {"image", "caption"}; default DATA/pretrain_captions.jsonl
-                  model:str="spn-tiny-rn", # what to start from: an open_clip config name, NAME:PRETRAINED, or a checkpoint folder
-                  epochs:int=10, # passes over the training pairs
-                  batch_size:int=128, # pairs per step (the contrastive batch)
-                  lr:float=1e-3, # peak learning rate
-                  weight_decay:float=0.1, # AdamW weight decay on weight matrices
-                  warmup:float=0.1, # share of the steps spent warming up
-                  val_fraction:float=0.1, # share of the pairs held out for retrieval
-                  max_val:int=1000, # at most this many held-out pairs
-                  seed:int=0, # initialisation, split and batch order
-                  device:str|None=None, # 'cpu', 'cuda', ... (default: CUDA when present)
-                  precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: bf16/fp16 on CUDA, fp32 on CPU)
-                  num_workers:int|None=None, # data-loader workers (default: 0 on CPU, up to 8 on CUDA)
-                  resume:bool=True, # continue a run found in `out`
+    def batches(self, epoch:int):
+        return DataLoader(self.train, batch_size=self.batch, shuffle=True, drop_last=True, num_workers=self.workers,
+                          generator=rng_stream(self.seed, "order", epoch))
+
+    def step(self, batch) -> torch.Tensor:
+        images, tokens = batch
+        image_features, text_features = self.model.encode_images(images), self.model.encode_texts(tokens)
+        return clip_loss(image_features.float(), text_features.float(), self.model.backbone.logit_scale.float())
+
+    def after_update(self):
+        with torch.no_grad(): self.model.backbone.logit_scale.clamp_(0, math.log(100))
+
+    def validate(self) -> tuple[dict, float|None]:
+        if not len(self.val): return {}, None
+        metrics = evaluate_retrieval(self.model, self.val, self.batch, self.workers)
+        return metrics, metrics["t2i_R@10"]
+
+    def epoch_extra(self, seconds:float, losses:list[float]) -> dict:
+        return {"logit_scale": round(self.model.backbone.logit_scale.exp().item(), 3), "step_loss": [round(l, 5) for l in losses]}
+
+    def checkpoint_extra(self, settings:dict, record:dict, history:list[dict]) -> dict:
+        return {"pretrain": {k: v for k, v in self.summary(history).items() if k != "step_loss"}}
+
+# %% ../nbs/03b_pretrain.ipynb #6d2e3b54
+def _summary(settings:dict, n_train:int, n_val:int, steps_per_epoch:int, history:list[dict]) -> dict:
+    "What `pretrain_clip` returns (and its checkpoint carries, less the step losses)."
+    return {"out": settings["out"], "args": settings, "train_pairs": n_train, "val_pairs": n_val, "steps_per_epoch": steps_per_epoch,
+            "init": history[0]["metrics"], "seconds": round(sum(h["seconds"] + h["val_seconds"] for h in history), 2),
+            "epochs": [{"epoch": h["epoch"], "train_loss": h["train_loss"], "logit_scale": h["logit_scale"], **h["metrics"]}
+                       for h in history[1:]],
+            "step_loss": [l for h in history[1:] for l in h["step_loss"]]}
+
+def pretrain_clip(config:PretrainConfig, # the run's settings
                   progress:bool=True # show progress bars
                  ) -> dict:
-    "Contrastive image-text pretraining of a (small) open_clip model; returns the run's history."
-    data, out = Path(data), Path(out)
-    captions = Path(captions) if captions is not None else data / "pretrain_captions.jsonl"
-    dev = pick_device(device); dtype = pick_precision(dev, precision)
-    args = {"model": str(model), "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-            "warmup": warmup, "val_fraction": val_fraction, "max_val": max_val, "seed": seed, "precision": str(dtype).replace("torch.", "")}
-    if num_workers is None: num_workers = 0 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
-    if epochs < 1 or batch_size < 2: raise SpnError(f"needs epochs >= 1 and batch_size >= 2, got {epochs} and {batch_size}")
-
-    train, val = split_pool(read_caption_pool(captions, data), val_fraction, max_val, seed)
+    "Contrastive image-text pretraining of a (small) open_clip model; returns the run's summary."
+    data, out = Path(config.data), Path(config.out)
+    captions = Path(config.captions) if config.captions is not None else data / "pretrain_captions.jsonl"
+    dev = pick_device(config.device); dtype = pick_precision(dev, config.precision)
+    workers = config.num_workers if config.num_workers is not None else 0 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
+    train, val = split_pool(read_caption_pool(captions, data), config.val_fraction, config.max_val, config.seed)
     if len(train) < 2: raise SpnError(f"only {len(train)} training pairs are left after holding out {len(val)}", captions)
-    batch = min(batch_size, len(train))
-    seed_everything(seed)
-    net = load_model(model).to(dev)
+    settings, files = resolved_settings(config, dtype), RunFiles(out, "pretrain")
+    state = open_run(config, settings, files, config.changeable())
+    seed_everything(config.seed)
+    net = (load_checkpoint(state) if state is not None else load_model(config.model)).to(dev)
     set_trainable(net, "all")
-    transform = net.image_transform()
-    train_pairs, val_pairs = (CaptionPairs(r, transform, net.tokenize, captions) for r in (train, val))
-    steps_per_epoch = len(train) // batch
-    total = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(_decay_groups(net, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total, max(1, round(warmup * total))))
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    history = {"args": args, "train_pairs": len(train), "val_pairs": len(val), "steps_per_epoch": steps_per_epoch,
-               "step_loss": [], "epochs": [], "seconds": 0.0}
-
-    state_file = out / "train_state.pt"
-    if resume and state_file.is_file():
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        changed = {k: (state["history"]["args"].get(k), v) for k, v in args.items() if state["history"]["args"].get(k) != v}
-        if changed:
-            raise SpnError(f"holds a pretraining run with other settings {changed} (saved, asked); use another --out or resume=False", out)
-        load_state_strict(net, state["model"], state_file)
-        optimizer.load_state_dict(state["optimizer"]); schedule.load_state_dict(state["schedule"])
-        history = state["history"]
-    if val and not history.get("init"): history["init"] = evaluate_retrieval(net, val_pairs, batch, num_workers)
-
-    start_epoch = len(history["epochs"])
-    for epoch in range(start_epoch, epochs):
-        started = time.perf_counter(); net.train()
-        order = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        loader = DataLoader(train_pairs, batch_size=batch, shuffle=True, drop_last=True, generator=order, num_workers=num_workers)
-        bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for images, tokens in bar:
-            with autocast(dev, dtype):
-                image_features = net.encode_images(images.to(dev))
-                text_features = net.encode_texts(tokens.to(dev))
-                loss = clip_loss(image_features.float(), text_features.float(), net.backbone.logit_scale.float())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update(); schedule.step()
-            with torch.no_grad(): net.backbone.logit_scale.clamp_(0, math.log(100))
-            history["step_loss"].append(round(loss.item(), 5))
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-        metrics = evaluate_retrieval(net, val_pairs, batch, num_workers) if val else {}
-        history["seconds"] = round(history["seconds"] + time.perf_counter() - started, 2)
-        history["epochs"].append({"epoch": epoch + 1, "train_loss": round(sum(history["step_loss"][-steps_per_epoch:]) / steps_per_epoch, 4),
-                                  "logit_scale": round(net.backbone.logit_scale.exp().item(), 3), **metrics})
-        if progress: tqdm.write(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v}" for k, v in history["epochs"][-1].items() if k != "epoch"))
-        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history}
-        atomic_save(state_file, lambda tmp: torch.save(state, tmp))
-        net.provenance["pretrained"] = {"captions": str(captions.resolve()), "pairs": len(train)}
-        save_checkpoint(net, out, extra_config={"pretrain": {k: v for k, v in history.items() if k != "step_loss"}})
-        write_json(out / "pretrain_history.json", history)
-    return history
+    net.provenance["pretrained"] = {"captions": str(captions.resolve()), "pairs": len(train)}
+    batch = min(config.batch_size, len(train))
+    train_pairs, val_pairs = (CaptionPairs(r, net.image_transform(), net.tokenize, captions) for r in (train, val))
+    total = config.epochs * (len(train) // batch)
+    optimizer = torch.optim.AdamW(_decay_groups(net, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", total, max(1, round(config.warmup * total))))
+    summary = lambda history: _summary(settings, len(train), len(val), len(train) // batch, history)
+    job = _PretrainJob(net, train_pairs, val_pairs, batch, config.seed, workers, summary)
+    history = run_epochs(job, Plan(settings, files, optimizer, schedule, dev, dtype, progress=progress), state)
+    return summary(history)

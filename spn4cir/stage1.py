@@ -4,31 +4,31 @@
 
 # %% ../nbs/06_stage1.ipynb #1ac98bbe
 from __future__ import annotations
-import contextlib, datetime, math, os, random, shutil, time, warnings
+import math, os, random, warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (SpnError, append_jsonl, atomic_save, autocast, pick_device, pick_precision, read_json,
-                          seed_everything, write_json, write_jsonl)
+from .core import Config, SpnError, check_number, pick_precision, seed_everything
 from .data import ImageDataset, Triplet, fashioniq_train_text, load_dataset, load_image, read_triplets
-from .evaluate import evaluate_model, headline_score
-from .models import CIRModel, load_checkpoint, load_model, save_checkpoint, set_trainable
-from .positives import duplicate_groups
+from .engine import (SCHEDULES, Plan, RunFiles, TrainJob, check_count, cir_train_mode, cir_validation, ddp_wrap, distributed,
+                            distributed_run, file_names, lr_factor, open_run, resolved_settings, rng_stream, run_epochs,
+                            text_rng, validate_cir)
+from .evaluate import FASHIONIQ_PROTOCOLS
+from .models import TRAINABLE, CIRModel, load_checkpoint, load_model, set_trainable
+from .images import duplicate_groups
 
 # %% auto #0
-__all__ = ['HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'OPTIMIZER_FILE', 'STATE_FILE', 'SCHEDULES', 'TrainingSet', 'training_set',
-           'train_text', 'epoch_order', 'cache_images', 'TripletBatches', 'gather_with_grad', 'gather_all',
-           'infonce_loss', 'QueryTargetNet', 'batch_loss', 'save_train_state', 'find_train_state', 'load_train_state',
-           'plot_history', 'train_stage1']
+__all__ = ['FORMATS', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'TrainingSet', 'training_set', 'train_text', 'epoch_order',
+           'cache_images', 'TripletBatches', 'gather_with_grad', 'gather_all', 'infonce_loss', 'QueryTargetNet',
+           'batch_loss', 'check_cir_fields', 'Stage1Config', 'train_stage1']
 
 # %% ../nbs/06_stage1.ipynb #a61bffa0
 @dataclass
@@ -84,17 +84,14 @@ def training_set(data:str|os.PathLike, # dataset folder (official layout)
 
 # %% ../nbs/06_stage1.ipynb #b74b3cf2
 def train_text(triplet:Triplet, # the example
-               generated:bool, # generated triplets use their (first) text as written
+               generated:bool, # generated triplets draw one of their texts as written (FashionIQ's joining is for human pairs)
                format:str, # the dataset format
-               rng:random.Random # one draw per call
+               rng:random.Random # one draw per call, e.g. `engine.text_rng(seed, epoch, index)`
               ) -> str:
     "The text an example trains with this epoch."
-    if generated or len(triplet.texts) == 1: return triplet.texts[0]
-    if format == "fashioniq": return fashioniq_train_text(triplet.texts, rng)
+    if len(triplet.texts) == 1: return triplet.texts[0]
+    if format == "fashioniq" and not generated: return fashioniq_train_text(triplet.texts, rng)
     return rng.choice(triplet.texts)
-
-def _text_rng(seed:int, epoch:int, index:int) -> random.Random:
-    return random.Random(f"spn4cir.stage1/{seed}/{epoch}/{index}")
 
 # %% ../nbs/06_stage1.ipynb #55ca9a5f
 def epoch_order(generated:np.ndarray, # (N,) bool: which examples are generated
@@ -102,8 +99,8 @@ def epoch_order(generated:np.ndarray, # (N,) bool: which examples are generated
                 seed:int, # the run's seed
                 extra_ratio:float|None=None # at most this many generated examples per human one; None: all
                ) -> torch.Tensor:
-    "The shuffled example indices of one epoch, a function of (seed, epoch)."
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    "The shuffled example indices of one epoch, from the engine's `order` stream of (seed, epoch)."
+    gen = rng_stream(seed, "order", epoch)
     human = torch.from_numpy(np.flatnonzero(~generated))
     extra = torch.from_numpy(np.flatnonzero(generated))
     if extra_ratio is not None and len(human):
@@ -142,14 +139,12 @@ class TripletBatches:
         epoch, indices = key
         idx = torch.as_tensor(indices, dtype=torch.long)
         rows, where = torch.unique(torch.cat([self.tset.ref_rows[idx], self.tset.target_rows[idx]]), return_inverse=True)
-        texts = [train_text(self.tset.triplets[i], bool(self.tset.generated[i]), self.format, _text_rng(self.seed, epoch, i)) for i in idx.tolist()]
+        texts = [train_text(self.tset.triplets[i], bool(self.tset.generated[i]), self.format, text_rng(self.seed, epoch, i)) for i in idx.tolist()]
         return {"images": torch.stack([self._image(r) for r in rows.tolist()]),   # (U, 3, H, W), U unique images
                 "ref_index": where[:len(idx)], "target_index": where[len(idx):],  # (b,) rows into images
                 "tokens": self.tokenize(texts), "texts": texts, "groups": self.tset.target_groups[idx]}
 
 # %% ../nbs/06_stage1.ipynb #7a799317
-def _distributed() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
 class _GatherWithGrad(torch.autograd.Function):
     "All-gather along dim 0 whose backward sums every rank's gradient for the local shard."
     @staticmethod
@@ -168,11 +163,11 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x:torch.Tensor # (b, ...) this rank's shard, the same size on every rank
                     ) -> torch.Tensor:
     "`(W * b, ...)`: every rank's shard in rank order, gradients flowing back to each shard; `x` itself in one process."
-    return _GatherWithGrad.apply(x) if _distributed() else x
+    return _GatherWithGrad.apply(x) if distributed() else x
 
 def gather_all(x:torch.Tensor) -> torch.Tensor:
     "Every rank's shard in rank order, without gradient; `x` itself in one process."
-    if not _distributed(): return x
+    if not distributed(): return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
@@ -217,295 +212,154 @@ def batch_loss(net:nn.Module, # a `QueryTargetNet`, or DDP around one
     "In-batch InfoNCE of this rank's queries against the targets of every rank."
     queries, targets = net(batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True),
                            batch["ref_index"].to(device), batch["target_index"].to(device))
-    offset = dist.get_rank() * len(queries) if _distributed() else 0
+    offset = dist.get_rank() * len(queries) if distributed() else 0
     with torch.autocast(device.type, enabled=False):   # float32 logits even under autocast: at tau = 0.01 they reach 100
         return infonce_loss(queries.float(), gather_with_grad(targets.float()), tau, gather_all(batch["groups"].to(device)), offset)
 
-# %% ../nbs/06_stage1.ipynb #251843a9
-HISTORY_FILE, CURVE_FILE, STATE_DIR = "stage1_history.jsonl", "stage1_curve.png", "stage1_state"
-OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
+# %% ../nbs/06_stage1.ipynb #f3a0394c
+FORMATS = ("fashioniq", "cirr", "jsonl")
 
-def _split_optimizer(state:dict) -> tuple[dict[str, torch.Tensor], dict]:
-    "An optimizer state dict as safetensors tensors plus JSON (param groups, non-tensor slots)."
-    tensors, plain = {}, {}
-    for index, slots in state["state"].items():
-        for name, value in slots.items():
-            if isinstance(value, torch.Tensor): tensors[f"{index}/{name}"] = value.detach().to("cpu").contiguous()
-            else: plain[f"{index}/{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+def check_cir_fields(config:Config):
+    "Range checks the two CIR stages share (format, temperature, rates, batches, transform, protocol)."
+    if config.format not in FORMATS: raise SpnError(f"format must be one of {list(FORMATS)}, got {config.format!r}")
+    check_count(config, "epochs"); check_count(config, "eval_batch_size"); check_count(config, "workers", 0, optional=True)
+    for name in ("lr", "tau", "eps"): check_number(config, name, 0, above=True)
+    check_number(config, "weight_decay", 0); check_number(config, "extra_ratio", 0, optional=True)
+    if config.kind not in ("targetpad", "resize"): raise SpnError(f"kind must be 'targetpad' or 'resize', got {config.kind!r}")
+    if config.protocol not in (None, *FASHIONIQ_PROTOCOLS):
+        raise SpnError(f"protocol must be one of {list(FASHIONIQ_PROTOCOLS)}, got {config.protocol!r}")
+    if config.format != "fashioniq" and config.protocol not in (None, "original"):
+        raise SpnError(f"protocol {config.protocol!r} is a FashionIQ evaluation protocol; it has no meaning for {config.format} data")
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas): raise SpnError(f"betas must be two numbers in [0, 1), got {config.betas}")
 
-def _join_optimizer(tensors:dict[str, torch.Tensor], meta:dict) -> dict:
-    "The optimizer state dict back from `_split_optimizer`'s two parts."
-    state:dict[int, dict] = {}
-    for key, value in [*tensors.items(), *meta["plain"].items()]:
-        index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
+# %% ../nbs/06_stage1.ipynb #01cad9b3
+@dataclass
+class Stage1Config(Config):
+    "Settings of `train_stage1` (`spn4cir train --stage 1`); defaults are CLIP4Cir's stage-1 settings."
+    job:ClassVar[str] = "stage1"
+    paths:ClassVar[tuple[str, ...]] = ("data", "model", "out", "extra")
+    data:str # dataset folder (official layout)
+    format:Literal["fashioniq", "cirr", "jsonl"] # annotation format
+    model:str # a checkpoint folder (pretraining, stage 1, ...) or an open_clip spec NAME[:PRETRAINED]
+    out:str # run folder: the best checkpoint, history, curve and resume state
+    extra:str|None = None # generated triplets in the dataset's train schema, appended after the human ones
+    no_human:bool = False # train on the generated triplets alone (zero-shot setting)
+    extra_ratio:float|None = None # at most this many generated triplets per human one each epoch; None: all
+    epochs:int = 10 # passes over the training triplets
+    batch_size:int = 128 # global contrastive batch (split over processes)
+    lr:float = 2e-6 # AdamW peak learning rate
+    tau:float = 0.01 # temperature (CLIP4Cir: logit scale 100)
+    train_part:Literal["text", "image", "both", "combiner", "all"] = "both" # what trains
+    combiner:Literal["sum", "clip4cir"]|None = None # None keeps the model's combiner; a new one when it differs
+    accum:int = 1 # batches per optimizer step (gradient accumulation)
+    weight_decay:float = 0.01 # AdamW weight decay
+    betas:tuple[float, float] = (0.9, 0.999) # AdamW betas
+    eps:float = 1e-7 # AdamW epsilon
+    schedule:Literal["constant", "cosine"] = "constant" # learning rate: constant, or cosine decay to zero over the run
+    warmup:float = 0.0 # share of the optimizer steps spent in linear warmup
+    categories:list[str]|None = None # FashionIQ categories (default: every one found)
+    val_split:str = "val" # the split validated after each epoch
+    protocol:Literal["original", "no-reference", "val-triplets"]|None = "original" # FashionIQ validation protocol
+    resume:bool = False # continue the run found in OUT
+    seed:int = 0 # everything random: initialisation, order, texts, dropout
+    device:str|None = None # 'cpu', 'cuda', ... (default: CUDA when present; under torchrun each process its own GPU)
+    precision:Literal["fp32", "bf16", "fp16"]|None = None # autocast dtype (default: bf16/fp16 on CUDA, fp32 on CPU)
+    workers:int|None = None # data-loader workers (default: 0 when images are cached, else up to 8)
+    cache_gb:float = 4.0 # keep decoded training images in memory when they take at most this many GB
+    eval_batch_size:int = 64 # images or queries per forward pass in validation
+    kind:Literal["targetpad", "resize"] = "targetpad" # image preprocessing in training and validation
+    ratio:float = 1.25 # target-pad ratio
 
-def _replace_dir(staging:Path, folder:Path):
-    "Swap `staging` in as `folder`; the old folder stays whole (as `.NAME.old`) until the new one is in place."
-    old = folder.parent / f".{folder.name}.old"
-    if folder.exists():
-        if old.exists(): shutil.rmtree(old)
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    def check(self):
+        check_cir_fields(self); check_count(self, "batch_size", 2); check_count(self, "accum")
+        check_number(self, "cache_gb", 0); check_number(self, "ratio", 1)
+        if self.schedule not in SCHEDULES: raise SpnError(f"unknown schedule {self.schedule!r}, use one of {list(SCHEDULES)}")
+        if self.train_part not in TRAINABLE: raise SpnError(f"unknown trainable group {self.train_part!r}, use one of {list(TRAINABLE)}")
+        check_number(self, "warmup", 0)
+        if self.warmup >= 1: raise SpnError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
 
-def save_train_state(out:Path, # the run folder
-                     model:CIRModel, # the model after the epoch
-                     optimizer:torch.optim.Optimizer, scheduler, scaler, # their states are saved
-                     info:dict, # JSON: args, history, ...
-                     state_dir:str=STATE_DIR # the state folder's name inside `out`
-                    ) -> Path:
-    "Write `out/<state_dir>/` (model, optimizer, JSON state) as one atomic unit."
-    folder, staging = out / state_dir, out / f".{state_dir}.partial"
-    if staging.exists(): shutil.rmtree(staging)
-    save_checkpoint(model, staging, extra_config=model.extra_config)
-    tensors, meta = _split_optimizer(optimizer.state_dict())
-    atomic_save(staging / OPTIMIZER_FILE, lambda tmp: save_file(tensors, tmp))
-    write_json(staging / STATE_FILE, info | {"optimizer": meta, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
-    _replace_dir(staging, folder)
-    return folder
+    def changeable(self) -> tuple[str, ...]:
+        "Settings a resumed run may change (the epochs only when no schedule depends on them)."
+        return ("resume", "device", "workers", "cache_gb", "eval_batch_size") + (("epochs",) if self.schedule == "constant" else ())
 
-def find_train_state(out:Path, # the run folder
-                     state_dir:str=STATE_DIR # the state folder's name inside `out`
-                    ) -> Path|None:
-    "The state folder to resume from (the previous one if a swap was cut short), or None."
-    for folder in (out / state_dir, out / f".{state_dir}.old"):
-        if (folder / STATE_FILE).is_file() and (folder / OPTIMIZER_FILE).is_file(): return folder
-    return None
+# %% ../nbs/06_stage1.ipynb #b6911639
+HISTORY_FILE, CURVE_FILE, STATE_DIR = file_names("stage1")
 
-def load_train_state(folder:Path, # from `find_train_state`
-                     optimizer:torch.optim.Optimizer, # receives the saved optimizer state
-                     scheduler=None, scaler=None # receive their saved states (when given)
-                    ) -> dict:
-    "The saved JSON state (args, history, ...), after loading the optimizer, scheduler and scaler states; the model is `load_checkpoint(folder)`."
-    saved = read_json(folder / STATE_FILE)
-    optimizer.load_state_dict(_join_optimizer(load_file(folder / OPTIMIZER_FILE), saved["optimizer"]))
-    if scheduler is not None and saved.get("scheduler"): scheduler.load_state_dict(saved["scheduler"])
-    if scaler is not None and saved.get("scaler"): scaler.load_state_dict(saved["scaler"])
-    return saved
-
-# %% ../nbs/06_stage1.ipynb #41cada29
-def plot_history(history:list[dict], # the records of `stage1_history.jsonl`
-                 path:str|os.PathLike|None=None, # write a PNG here (atomically); None: return the figure only
-                 title:str="stage 1"): # figure title
-    "Training loss and validation score per epoch."
-    import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 2.6))
-    trained = [h for h in history if h["epoch"] > 0]
-    left.plot([h["epoch"] for h in trained], [h["train_loss"] for h in trained], "o-")
-    left.set(xlabel="epoch", ylabel="InfoNCE loss", title="training")
-    right.plot([h["epoch"] for h in history], [h["score"] for h in history], "o-", color="C1")
-    right.set(xlabel="epoch (0 = start)", ylabel="val score (%)", title="validation")
-    fig.suptitle(title, fontsize=10); fig.tight_layout()
-    if path is not None: atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    plt.close(fig)
-    return fig
-
-# %% ../nbs/06_stage1.ipynb #b25f2d36
-_RESUME_KEYS = ("data", "format", "model", "extra", "no_human", "extra_ratio", "batch_size", "lr", "tau", "train_part", "combiner",
-                "accum", "weight_decay", "betas", "eps", "schedule", "warmup", "categories", "seed", "kind", "ratio", "precision")
-SCHEDULES = ("constant", "cosine")
-
-def _lr_factor(schedule:str, total_steps:int, warmup_steps:int) -> Callable[[int], float]:
-    "Learning-rate multiplier per optimizer step: constant, or linear warmup then cosine decay to zero."
-    def factor(step:int) -> float:
-        if step < warmup_steps: return (step + 1) / warmup_steps
-        if schedule == "constant": return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
-    return factor
-
-def _setup_distributed(device:str|None) -> tuple[int, int, torch.device, bool]:
-    "(rank, world size, device, whether this call started the process group); torchrun's variables start it."
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
-        started = True
-    if not _distributed(): return 0, 1, pick_device(device), started
-    dev = pick_device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
-        torch.cuda.set_device(dev)
-    return dist.get_rank(), dist.get_world_size(), dev, started
-
-def _train_mode(model:CIRModel):
-    "Combiner in training mode, backbone in eval mode (frozen batch-norm statistics, as CLIP4Cir)."
-    model.train(); model.backbone.eval()
-
-def _checkpoint_extra(model:CIRModel, args:dict, record:dict) -> dict:
-    "The stage-1 record a checkpoint's config.json carries (records of earlier stages kept)."
-    previous = {k: v for k, v in (model.extra_config or {}).items() if k not in ("stage", "stage1")}
-    return previous | {"stage": 1, "stage1": {"args": args, "epoch": record["epoch"], "score": record["score"], "metrics": record["metrics"]}}
-
-# %% ../nbs/06_stage1.ipynb #cbdd516c
 def _epoch_keys(order:torch.Tensor, epoch:int, batch_size:int, rank:int, world:int) -> list[tuple[int, list[int]]]:
     "This rank's shard of every full global batch of the epoch, as `TripletBatches` keys."
     shard = batch_size // world
     return [(epoch, order[start + rank * shard:start + (rank + 1) * shard].tolist())
             for start in range(0, len(order) - batch_size + 1, batch_size)]
 
-def _run_epoch(ddp, net:QueryTargetNet, batches:TripletBatches, keys:list, tau:float, accum:int, optimizer, scheduler, scaler,
-               dev:torch.device, dtype:torch.dtype, workers:int, epoch:int, show:bool) -> tuple[float, int]:
-    "One epoch; returns the mean loss and the number of optimizer steps (raises `SpnError` on a non-finite loss)."
-    loader = torch.utils.data.DataLoader(batches, sampler=keys, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda")
-    total, steps, n = 0.0, 0, len(keys)
-    optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, total=n, desc=f"stage 1 epoch {epoch}", disable=not show, leave=False)
-    for k, batch in enumerate(bar):
-        first = (k // accum) * accum
-        group = min(accum, n - first)                      # micro-batches in this optimizer step
-        last = k == first + group - 1
-        sync = contextlib.nullcontext() if last or ddp is net else ddp.no_sync()
-        with sync:
-            with autocast(dev, dtype): loss = batch_loss(ddp, batch, tau, dev)
-            mean = loss.detach().clone()
-            if _distributed(): dist.all_reduce(mean); mean /= dist.get_world_size()
-            value = mean.item()
-            if not math.isfinite(value):
-                raise SpnError(f"the training loss became {value} at epoch {epoch}, batch {k + 1}; the run stops before this update "
-                               "(the best checkpoint and the last epoch's state are kept); lower lr, raise tau or use precision='fp32'")
-            scaler.scale(loss / group).backward()
-        if last:
-            scaler.step(optimizer); scaler.update(); scheduler.step(); steps += 1
-            optimizer.zero_grad(set_to_none=True)
-        total += value; bar.set_postfix(loss=f"{value:.3f}")
-    return total / max(n, 1), steps
+class _Stage1Job(TrainJob):
+    "In-batch InfoNCE over triplets, for the engine."
+    name = "stage1"
+    def __init__(self, model:CIRModel, module:nn.Module, batches:TripletBatches, config:Stage1Config, rank:int, world:int,
+                 device:torch.device, workers:int):
+        self.model, self.module, self.data, self.config = model, module, batches, config
+        self.rank, self.world, self.device, self.workers = rank, world, device, workers
 
-# %% ../nbs/06_stage1.ipynb #f7afe1af
-def train_stage1(data:str|os.PathLike, # dataset folder (official layout)
-                 format:str, # "fashioniq", "cirr" or "jsonl"
-                 model:str|os.PathLike, # a checkpoint folder (pretraining, stage 1, ...) or an open_clip spec NAME[:PRETRAINED]
-                 out:str|os.PathLike, # run folder: the best checkpoint, history, curve and resume state
-                 extra:str|os.PathLike|None=None, # generated triplets in the dataset's train schema, appended after the human ones
-                 no_human:bool=False, # train on the generated triplets alone (zero-shot setting)
-                 extra_ratio:float|None=None, # at most this many generated triplets per human one each epoch; None: all
-                 epochs:int=10, # passes over the training triplets
-                 batch_size:int=128, # global contrastive batch (split over processes)
-                 lr:float=2e-6, # AdamW peak learning rate
-                 tau:float=0.01, # temperature (CLIP4Cir: logit scale 100)
-                 train_part:str="both", # what trains: 'text', 'image', 'both' (towers), 'combiner' or 'all'
-                 combiner:str|None=None, # None keeps the model's combiner; 'sum' or 'clip4cir' (a new one when it differs)
-                 accum:int=1, # batches per optimizer step (gradient accumulation)
-                 weight_decay:float=0.01, # AdamW weight decay
-                 betas:tuple[float, float]=(0.9, 0.999), # AdamW betas
-                 eps:float=1e-7, # AdamW epsilon
-                 schedule:str="constant", # learning rate: 'constant' or 'cosine' (decay to zero over the run)
-                 warmup:float=0.0, # share of the optimizer steps spent in linear warmup
-                 categories:str|list[str]|None=None, # FashionIQ categories (default: every one found)
-                 val_split:str="val", # the split validated after each epoch
-                 protocol:str="original", # FashionIQ evaluation protocol
-                 resume:bool=False, # continue the run found in `out`
-                 seed:int=0, # everything random: initialisation, order, texts, dropout
-                 device:str|None=None, # 'cpu', 'cuda', ... (default: CUDA when present; under torchrun each process its own GPU)
-                 precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: bf16/fp16 on CUDA, fp32 on CPU)
-                 workers:int|None=None, # data-loader workers (default: 0 when images are cached, else up to 8)
-                 cache_gb:float=4.0, # keep decoded training images in memory when they take at most this many GB
-                 eval_batch_size:int=64, # images or queries per forward pass in validation
-                 kind:str="targetpad", # image preprocessing: 'targetpad' or 'resize'
-                 ratio:float=1.25, # target-pad ratio
+    def batches(self, epoch:int):
+        order = epoch_order(self.data.tset.generated, epoch, self.config.seed, self.config.extra_ratio)
+        keys = _epoch_keys(order, epoch, self.config.batch_size, self.rank, self.world)
+        return torch.utils.data.DataLoader(self.data, sampler=keys, batch_size=None, num_workers=self.workers,
+                                           pin_memory=self.device.type == "cuda")
+
+    def step(self, batch:dict) -> torch.Tensor: return batch_loss(self.module, batch, self.config.tau, self.device)
+    def train_mode(self): cir_train_mode(self.model)
+    def validate(self) -> tuple[dict, float]: return validate_cir(self.model, self.config)
+    def epoch_extra(self, seconds:float, losses:list[float]) -> dict:
+        return {"triplets_per_second": round(len(losses) * self.config.batch_size / max(seconds, 1e-9), 1)}
+
+# %% ../nbs/06_stage1.ipynb #0eb69a1f
+def _stage1_model(config:Stage1Config, state:Path|None, device:torch.device) -> tuple[CIRModel, list[nn.Parameter]]:
+    "The model to train (the saved one when resuming) and its trainable parameters (never the logit scale)."
+    if state is not None: net = load_checkpoint(state, device=device)
+    else:
+        net = load_model(config.model, combiner=config.combiner, device=device)
+        if net.combiner.kind != "sum" and config.train_part not in ("combiner", "all") and net.provenance.get("combiner") == "freshly initialised":
+            raise SpnError(f"the {net.combiner.kind} combiner is freshly initialised but train_part={config.train_part!r} leaves it "
+                           "frozen; train it (train_part='combiner' or 'all') or use combiner='sum'")
+    params = set_trainable(net, config.train_part)
+    for name in ("logit_scale", "logit_bias"):
+        if getattr(net.backbone, name, None) is not None: getattr(net.backbone, name).requires_grad_(False)
+    return net, [p for p in params if p.requires_grad]
+
+def _stage1_job(config:Stage1Config, net:CIRModel, tset:TrainingSet, rank:int, world:int, device:torch.device,
+                progress:bool) -> tuple[_Stage1Job, bool]:
+    "The job (images decoded into memory when they fit `cache_gb`) and whether the images are cached."
+    transform = net.image_transform(config.kind, config.ratio)
+    cache = len(tset.image_names) * 3 * transform.size ** 2 * 4 <= config.cache_gb * 2**30
+    images = cache_images(tset, transform, config.workers or 0, progress and rank == 0) if cache else None
+    workers = config.workers if config.workers is not None else (0 if cache else min(8, os.cpu_count() or 1))
+    n_epoch = len(epoch_order(tset.generated, 1, config.seed, config.extra_ratio))
+    if n_epoch < config.batch_size:
+        raise SpnError(f"batch_size {config.batch_size} is larger than the {n_epoch} training triplets of an epoch", config.data)
+    batches = TripletBatches(tset, config.format, transform, net.tokenize, config.seed, images)
+    return _Stage1Job(net, ddp_wrap(QueryTargetNet(net), device), batches, config, rank, world, device, workers), cache
+
+# %% ../nbs/06_stage1.ipynb #4aaa9b05
+def train_stage1(config:Stage1Config, # the run's settings
                  progress:bool=True # show progress bars (process 0)
                 ) -> dict:
     "Stage 1: in-batch InfoNCE fine-tuning on human (and generated) triplets; returns the run summary."
-    if epochs < 1 or batch_size < 2 or accum < 1: raise SpnError(f"needs epochs >= 1, batch_size >= 2 and accum >= 1, got {epochs}, {batch_size}, {accum}")
-    if not (tau > 0 and lr > 0): raise SpnError(f"tau and lr must be positive, got {tau} and {lr}")
-    if schedule not in SCHEDULES: raise SpnError(f"unknown schedule {schedule!r}, use one of {list(SCHEDULES)}")
-    if not 0 <= warmup < 1: raise SpnError(f"warmup is a share of the steps in [0, 1), got {warmup}")
-    out = Path(out)
-    rank, world, dev, started = _setup_distributed(device)
-    try:
-        if batch_size % world: raise SpnError(f"batch_size {batch_size} must be a multiple of the {world} processes")
-        dtype = pick_precision(dev, precision)
-        args = {"data": str(Path(data).resolve()), "format": format, "model": str(model), "extra": None if extra is None else str(Path(extra).resolve()),
-                "no_human": no_human, "extra_ratio": extra_ratio, "epochs": epochs, "batch_size": batch_size, "lr": lr, "tau": tau,
-                "train_part": train_part, "combiner": combiner, "accum": accum, "weight_decay": weight_decay, "betas": list(betas), "eps": eps,
-                "schedule": schedule, "warmup": warmup, "categories": categories, "val_split": val_split, "protocol": protocol,
-                "seed": seed, "kind": kind, "ratio": ratio, "precision": str(dtype).replace("torch.", "")}
-        folder = find_train_state(out)
-        if folder is not None and not resume:
-            raise SpnError(f"holds a stage-1 run ({folder.name}); pass resume=True to continue it, or choose another out folder", out)
-        saved = read_json(folder / STATE_FILE) if resume and folder is not None else None
-        if saved is not None:
-            keys = _RESUME_KEYS + (("epochs",) if saved["args"]["schedule"] != "constant" else ())
-            changed = {k: (saved["args"].get(k), args[k]) for k in keys if saved["args"].get(k) != args[k]}
-            if changed: raise SpnError(f"holds a stage-1 run with other settings {changed} (saved, asked); resume with the same settings or use another out", out)
-
-        seed_everything(seed)
-        tset = training_set(data, format, extra, no_human, categories, out / "cache", progress=progress and rank == 0)
-        net = load_checkpoint(folder, device=dev) if saved is not None else load_model(model, combiner=combiner, device=dev)
-        if saved is None and net.combiner.kind != "sum" and train_part not in ("combiner", "all") and net.provenance.get("combiner") == "freshly initialised":
-            raise SpnError(f"the {net.combiner.kind} combiner is freshly initialised but train_part={train_part!r} leaves it frozen; "
-                           "train it (train_part='combiner' or 'all') or use combiner='sum'")
-        params = set_trainable(net, train_part)
-        for name in ("logit_scale", "logit_bias"):
-            if getattr(net.backbone, name, None) is not None: getattr(net.backbone, name).requires_grad_(False)
-        params = [p for p in params if p.requires_grad]
-
-        transform = net.image_transform(kind, ratio)
-        size = transform.size
-        cache = len(tset.image_names) * 3 * size * size * 4 <= cache_gb * 2**30
-        images = cache_images(tset, transform, workers or 0, progress and rank == 0) if cache else None
-        loader_workers = workers if workers is not None else (0 if cache else min(8, os.cpu_count() or 1))
-        batches = TripletBatches(tset, format, transform, net.tokenize, seed, images)
-
-        n_batches = len(epoch_order(tset.generated, 1, seed, extra_ratio)) // batch_size
-        if n_batches == 0: raise SpnError(f"batch_size {batch_size} is larger than the {len(epoch_order(tset.generated, 1, seed, extra_ratio))} training triplets of an epoch", data)
-        steps_per_epoch = math.ceil(n_batches / accum)
-        total_steps = epochs * steps_per_epoch
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(schedule, total_steps, round(warmup * total_steps)))
-        scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-        qt = QueryTargetNet(net)
-        ddp = nn.parallel.DistributedDataParallel(qt, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else qt
-
-        def validate() -> tuple[dict, float]:
-            metrics = evaluate_model(net, data, format, val_split, protocol, categories, eval_batch_size, workers, None, precision, progress=progress)
-            return metrics, headline_score(metrics)
-
-        if saved is not None:
-            history = load_train_state(folder, optimizer, scheduler, scaler)["history"]
-            if rank == 0:                         # a kill may have come before these two were rewritten
-                write_jsonl(out / HISTORY_FILE, history); plot_history(history, out / CURVE_FILE)
-        else:
-            history = []
-            if rank == 0:
-                metrics, score = validate()
-                history = [{"epoch": 0, "train_loss": None, "lr": lr, "steps": 0, "seconds": 0.0, "score": score, "metrics": metrics}]
-                save_checkpoint(net, out, extra_config=_checkpoint_extra(net, args, history[0]))
-                write_jsonl(out / HISTORY_FILE, history)
-            if world > 1:
-                shared = [history]; dist.broadcast_object_list(shared); history = shared[0]
-
-        for epoch in range(len(history), epochs + 1):
-            torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-            order = epoch_order(tset.generated, epoch, seed, extra_ratio)
-            _train_mode(net)
-            started_at = time.perf_counter()
-            loss, steps = _run_epoch(ddp, qt, batches, _epoch_keys(order, epoch, batch_size, rank, world), tau, accum,
-                                     optimizer, scheduler, scaler, dev, dtype, loader_workers, epoch, progress and rank == 0)
-            seconds = time.perf_counter() - started_at
-            if rank == 0:
-                val_started = time.perf_counter()
-                metrics, score = validate()
-                record = {"epoch": epoch, "train_loss": round(loss, 5), "lr": scheduler.get_last_lr()[0], "steps": steps,
-                          "seconds": round(seconds, 3), "val_seconds": round(time.perf_counter() - val_started, 3),
-                          "triplets_per_second": round(len(order) // batch_size * batch_size / max(seconds, 1e-9), 1),
-                          "score": score, "metrics": metrics}
-                if score > max(h["score"] for h in history): save_checkpoint(net, out, extra_config=_checkpoint_extra(net, args, record))
-                history.append(record)
-                save_train_state(out, net, optimizer, scheduler, scaler, {"format": 1, "args": args, "history": history})
-                append_jsonl(out / HISTORY_FILE, [record])
-                plot_history(history, out / CURVE_FILE)
-                if progress: tqdm.write(f"stage 1 epoch {epoch}/{epochs}: loss {loss:.4f}, val {score:.2f} ({seconds:.1f} s)")
-            if world > 1:
-                shared = [history]; dist.broadcast_object_list(shared); history = shared[0]
+    out = Path(config.out)
+    with distributed_run(config.device) as (rank, world, dev):
+        if config.batch_size % world: raise SpnError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
+        dtype = pick_precision(dev, config.precision)
+        settings, files = resolved_settings(config, dtype), RunFiles(out, "stage1")
+        state = open_run(config, settings, files, config.changeable(), write=rank == 0)
+        seed_everything(config.seed)
+        tset = training_set(config.data, config.format, config.extra, config.no_human, config.categories, out / "cache",
+                            progress=progress and rank == 0)
+        net, params = _stage1_model(config, state, dev)
+        job, cached = _stage1_job(config, net, tset, rank, world, dev, progress)
+        job.validation = cir_validation(config, dtype)
+        total = config.epochs * math.ceil(len(job.batches(1)) / config.accum)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, total, round(config.warmup * total)))
+        history = run_epochs(job, Plan(settings, files, optimizer, scheduler, dev, dtype, rank, world, progress), state)
         best = max(history, key=lambda h: h["score"])
-        del ddp, qt                               # release DDP's hold on the process group, then leave together
-        if world > 1: dist.barrier()
         return {"out": str(out), "best_epoch": best["epoch"], "best_score": best["score"], "start_score": history[0]["score"],
-                "history": history, "triplets": len(tset), "generated": int(tset.generated.sum()), "images_cached": cache,
+                "history": history, "triplets": len(tset), "generated": int(tset.generated.sum()), "images_cached": cached,
                 "world_size": world}
-    finally:
-        if started: dist.destroy_process_group()

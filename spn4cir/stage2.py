@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses, math, os, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,20 +15,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .core import (SpnError, append_jsonl, atomic_save, autocast, pick_device, pick_precision, read_json, resolve_inside,
-                          seed_everything, stable_hash, write_jsonl)
+from .core import Config, SpnError, atomic_save, pick_device, pick_precision, resolve_inside, seed_everything, stable_hash
 from .data import ImageDataset, Split, Triplet, load_dataset, split_image_names
 from .bank import bank_loss, chunk_scores
-from .evaluate import SplitFeatures, headline_score, metrics_of, query_text
-from .models import load_checkpoint, load_model, save_checkpoint, set_trainable
-from .stage1 import (STATE_FILE, TrainingSet, _text_rng, _train_mode, epoch_order,
-                            find_train_state, load_train_state, plot_history, save_train_state, train_text, training_set)
-from .positives import _file_stamps, duplicate_groups, image_fingerprint
+from .engine import (Plan, RunFiles, TrainJob, check_count, cir_train_mode, cir_validation, file_names, lr_factor, open_run,
+                            resolved_settings, rng_stream, run_epochs, text_rng, validate_cir)
+from .images import IMAGE_SUFFIXES, duplicate_groups, file_stamps, image_fingerprint
+from .models import load_checkpoint, load_model, set_trainable
+from .stage1 import TrainingSet, check_cir_fields, epoch_order, train_text, training_set
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'EXTRA_PREFIX', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'bank_cache_key', 'ImageBank',
-           'build_banks', 'read_extra_negatives', 'train_bank_images', 'freeze_image_side', 'bank_queries',
-           'score_gaps', 'bank_rows', 'train_stage2']
+__all__ = ['EXTRA_PREFIX', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'bank_cache_key', 'ImageBank', 'build_banks',
+           'read_extra_negatives', 'train_bank_images', 'freeze_image_side', 'bank_queries', 'score_gaps', 'bank_rows',
+           'Stage2Config', 'train_stage2']
 
 # %% ../nbs/07_stage2.ipynb #87bfb7b4
 def bank_cache_key(model:torch.nn.Module, # the `CIRModel` whose image tower encodes the bank
@@ -35,7 +35,7 @@ def bank_cache_key(model:torch.nn.Module, # the `CIRModel` whose image tower enc
                    kind:str="targetpad" # the image transform ('targetpad' or 'resize')
                   ) -> str:
     "The cache key of a bank: image-tower content and preprocessing, and (name, file, size, mtime) of every image."
-    return stable_hash("spn4cir.stage2.bank/1", image_fingerprint(model, kind), _file_stamps({n: Path(p) for n, p in images.items()}))
+    return stable_hash("spn4cir.stage2.bank/1", image_fingerprint(model, kind), file_stamps({n: Path(p) for n, p in images.items()}))
 
 # %% ../nbs/07_stage2.ipynb #09bfce3a
 @dataclass
@@ -111,7 +111,6 @@ def build_banks(model:torch.nn.Module, # the stage-1 `CIRModel`; its image tower
     return ImageBank(names, groups, target, refer, key=key, encoded=True)
 
 # %% ../nbs/07_stage2.ipynb #5eec74d3
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EXTRA_PREFIX = "extra:"
 
 def read_extra_negatives(source:str|os.PathLike # a folder of images, or a text file with one image path per line
@@ -207,172 +206,130 @@ def bank_rows(triplets:list[Triplet], # the training triplets (`stage1.TrainingS
         refs.append(rows[t.reference]); targets.append(rows[t.target])
     return torch.tensor(refs, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
 
-# %% ../nbs/07_stage2.ipynb #13e83a94
-def _validation_sets(model, data, format:str, split:str, categories, cache_dir, kind:str, batch_size:int, workers:int,
-                     progress:bool) -> dict[str, tuple[Split, ImageBank]]:
-    "Each validation split (one per FashionIQ category) with its gallery encoded once."
-    out = {}
-    for category, s in load_dataset(data, format, split, categories).items():
-        if not s.triplets: raise SpnError(f"validation split {split!r} ({category}) has no queries", s.root)
-        missing = [n for n in split_image_names(s) if n not in s.images]
-        if missing: raise SpnError(f"image {missing[0]!r} is named by a triplet but has no path in the split's image list", s.root)
-        images = {n: s.images[n] for n in split_image_names(s)}
-        out[category] = (s, build_banks(model, images, cache_dir, kind, batch_size, workers, progress))
-    return out
+# %% ../nbs/07_stage2.ipynb #3e424c55
+@dataclass
+class Stage2Config(Config):
+    "Settings of `train_stage2` (`spn4cir train --stage 2`); defaults are the reference's CLIP4Cir stage-2 settings."
+    job:ClassVar[str] = "stage2"
+    paths:ClassVar[tuple[str, ...]] = ("data", "model", "out", "extra", "extra_negatives", "cache_dir")
+    data:str # dataset folder (official layout)
+    format:Literal["fashioniq", "cirr", "jsonl"] # annotation format
+    model:str # the stage-1 checkpoint folder (or an open_clip spec)
+    out:str # run folder: the best checkpoint, history, curve, resume state and bank cache
+    extra:str|None = None # generated triplets in the dataset's train schema (SPN: positives too)
+    neg_num:int|None = None # None: the whole bank; N: N random negatives per query
+    extra_negatives:str|None = None # folder or list file of unlabeled images, bank negatives only
+    extra_ratio:float|None = None # at most this many generated triplets per human one each epoch; None: all
+    reference_negatives:bool = True # the query's own reference is one of its negatives (the reference code); False masks it
+    no_human:bool = False # train on the generated triplets alone (zero-shot setting)
+    epochs:int = 3 # passes over the training triplets
+    batch_size:int = 256 # queries per step
+    lr:float = 2e-5 # AdamW learning rate (constant)
+    tau:float = 0.02 # temperature of the bank softmax
+    weight_decay:float = 0.01 # AdamW weight decay
+    betas:tuple[float, float] = (0.9, 0.999) # AdamW betas
+    eps:float = 1e-7 # AdamW epsilon
+    categories:list[str]|None = None # FashionIQ categories (default: every one found)
+    val_split:str = "val" # the split validated after every epoch
+    protocol:Literal["original", "no-reference", "val-triplets"]|None = "original" # FashionIQ protocol of validation (and best epoch)
+    pool:Literal["split", "triplets"] = "split" # bank images: every image the train split lists, or only those triplets name
+    resume:bool = False # continue the run found in OUT
+    seed:int = 0 # order, texts, sampled negatives, dropout
+    device:str|None = None # 'cpu', 'cuda', ... (default: CUDA when present)
+    precision:Literal["fp32", "bf16", "fp16"]|None = None # autocast dtype (default: bf16/fp16 on CUDA, fp32 on CPU)
+    cache_dir:str|None = None # bank and duplicate-group cache (default: OUT/cache)
+    chunk_size:int = 16384 # bank rows scored at once (memory O(batch x chunk))
+    eval_batch_size:int = 64 # images or queries per forward pass when encoding banks and validating
+    kind:Literal["targetpad", "resize"] = "targetpad" # image preprocessing of the banks and of validation
+    workers:int = 0 # image-decoding workers while encoding the banks and validating
 
-@torch.no_grad()
-def _validate(model, sets:dict[str, tuple[Split, ImageBank]], format:str, batch_size:int) -> tuple[dict, float]:
-    "The `metrics.json` dictionary (percent) and the headline score of the model on the validation sets."
-    was_training = model.training; model.eval()
-    features = {}
-    try:
-        for category, (split, bank) in sets.items():
-            refer = bank.refer_bank.to(model.device)
-            refs = torch.tensor([bank.rows[t.reference] for t in split.triplets])
-            texts = [query_text(t, format) for t in split.triplets]
-            queries = torch.cat([bank_queries(model, refer, refs[i:i + batch_size], texts[i:i + batch_size]).cpu()
-                                 for i in range(0, len(texts), batch_size)])
-            features[category] = SplitFeatures(bank.target_bank[torch.from_numpy(bank.groups)], list(bank.names), queries,
-                                               [t.reference for t in split.triplets], [t.target for t in split.triplets],
-                                               [t.members for t in split.triplets], [t.pairid for t in split.triplets])
-    finally: model.train(was_training)
-    metrics = metrics_of(features, format)
-    return metrics, headline_score(metrics)
+    def check(self):
+        check_cir_fields(self); check_count(self, "batch_size"); check_count(self, "chunk_size")
+        check_count(self, "neg_num", optional=True)
+        if self.pool not in ("split", "triplets"): raise SpnError(f"pool must be 'split' or 'triplets', got {self.pool!r}")
 
-# %% ../nbs/07_stage2.ipynb #c594d521
-HISTORY_FILE, CURVE_FILE, STATE_DIR = "stage2_history.jsonl", "stage2_curve.png", "stage2_state"
-_RESUME_KEYS = ("data", "format", "model", "extra", "no_human", "neg_num", "extra_negatives", "extra_ratio", "reference_negatives",
-                "batch_size", "lr", "tau",
-                "weight_decay", "betas", "eps", "categories", "val_split", "seed", "kind", "precision")
+    def changeable(self) -> tuple[str, ...]:
+        "Settings a resumed run may change (the learning rate is constant, so the epochs may grow)."
+        return ("resume", "device", "workers", "eval_batch_size", "epochs", "cache_dir", "chunk_size")
 
-def _run_epoch(net, bank:ImageBank, tset:TrainingSet, ref_rows:torch.Tensor, target_rows:torch.Tensor, format:str, order:torch.Tensor,
-               epoch:int, seed:int, batch_size:int, tau:float, neg_num:int|None, chunk_size:int, reference_negatives:bool,
-               optimizer, scaler, dev, dtype, progress:bool) -> tuple[float, int]:
-    "One pass over `order` in full batches; returns the mean loss and the number of steps (raises on a non-finite loss)."
-    negatives = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + epoch)
-    steps, total = len(order) // batch_size, 0.0
-    bar = tqdm(range(steps), desc=f"stage 2 epoch {epoch}", disable=not progress, leave=False)
-    for step in bar:
-        idx = order[step * batch_size:(step + 1) * batch_size]
-        texts = [train_text(tset.triplets[i], bool(tset.generated[i]), format, _text_rng(seed, epoch, i)) for i in idx.tolist()]
-        with autocast(dev, dtype):
-            queries = bank_queries(net, bank.refer_bank, ref_rows[idx], texts)
-        loss = bank_loss(queries, bank.target_bank, target_rows[idx], tau, neg_num, chunk_size, negatives,
-                         exclude=None if reference_negatives else ref_rows[idx])
-        value = loss.item()
-        if not math.isfinite(value):
-            raise SpnError(f"the training loss became {value} at epoch {epoch}, step {step + 1}; the run stops before this update "
-                           "(the best checkpoint and the last epoch's state are kept); lower lr, raise tau or use precision='fp32'")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
-        total += value; bar.set_postfix(loss=f"{value:.3f}")
-    return total / max(steps, 1), steps
+# %% ../nbs/07_stage2.ipynb #b66b4b72
+HISTORY_FILE, CURVE_FILE, STATE_DIR = file_names("stage2")
 
-def _checkpoint_extra(net, args:dict, record:dict) -> dict:
-    "The stage-2 record a checkpoint's config.json carries (records of earlier stages kept)."
-    previous = {k: v for k, v in (net.extra_config or {}).items() if k not in ("stage", "stage2")}
-    return previous | {"stage": 2, "stage2": {"args": args, "epoch": record["epoch"], "score": record["score"], "metrics": record["metrics"]}}
+class _Stage2Job(TrainJob):
+    "InfoNCE of the text side against the static bank, for the engine."
+    name = "stage2"
+    def __init__(self, model, bank:ImageBank, tset:TrainingSet, ref_rows:torch.Tensor, target_rows:torch.Tensor,
+                 config:Stage2Config, device:torch.device):
+        self.model, self.bank, self.tset, self.config, self.device = model, bank, tset, config, device
+        self.ref_rows, self.target_rows = ref_rows, target_rows
 
-# %% ../nbs/07_stage2.ipynb #604094d7
-def train_stage2(data:str|os.PathLike, # dataset folder (official layout)
-                 format:str, # "fashioniq", "cirr" or "jsonl"
-                 model:str|os.PathLike, # the stage-1 checkpoint folder (or an open_clip spec)
-                 out:str|os.PathLike, # run folder: the best checkpoint, history, curve, resume state and bank cache
-                 extra:str|os.PathLike|None=None, # generated triplets in the dataset's train schema (SPN: positives too)
-                 neg_num:int|None=None, # None: the whole bank; N: N random negatives per query
-                 extra_negatives:str|os.PathLike|None=None, # folder or list file of unlabeled images, bank negatives only
-                 extra_ratio:float|None=None, # at most this many generated triplets per human one each epoch; None: all
-                 reference_negatives:bool=True, # the query's own reference is one of its negatives (the reference code); False masks it
-                 no_human:bool=False, # train on the generated triplets alone (zero-shot setting)
-                 epochs:int=3, # passes over the training triplets
-                 batch_size:int=256, # queries per step
-                 lr:float=2e-5, # AdamW learning rate (constant)
-                 tau:float=0.02, # temperature of the bank softmax
-                 weight_decay:float=0.01, # AdamW weight decay
-                 betas:tuple[float, float]=(0.9, 0.999), # AdamW betas
-                 eps:float=1e-7, # AdamW epsilon
-                 categories:str|list[str]|None=None, # FashionIQ categories (default: every one found)
-                 val_split:str="val", # the split validated after every epoch
-                 resume:bool=False, # continue the run found in `out`
-                 seed:int=0, # order, texts, sampled negatives, dropout
-                 device:str|None=None, # 'cpu', 'cuda', ... (default: CUDA when present)
-                 precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: bf16/fp16 on CUDA, fp32 on CPU)
-                 cache_dir:str|os.PathLike|None=None, # bank and duplicate-group cache (default: OUT/cache)
-                 chunk_size:int=16384, # bank rows scored at once (memory O(batch x chunk))
-                 eval_batch_size:int=64, # images or queries per forward pass when encoding banks and validating
-                 kind:str="targetpad", # image preprocessing of the banks: 'targetpad' or 'resize'
-                 workers:int=0, # image-decoding workers while encoding the banks
+    def batches(self, epoch:int) -> list[tuple[torch.Tensor, list[str]]]:
+        "Full batches of the epoch's order, each with its texts; the epoch's negatives stream is started here."
+        c, tset = self.config, self.tset
+        order = epoch_order(tset.generated, epoch, c.seed, c.extra_ratio)
+        self.negatives = rng_stream(c.seed, "negatives", epoch, device=self.device)
+        batches = [order[s * c.batch_size:(s + 1) * c.batch_size] for s in range(len(order) // c.batch_size)]
+        return [(idx, [train_text(tset.triplets[i], bool(tset.generated[i]), c.format, text_rng(c.seed, epoch, i)) for i in idx.tolist()])
+                for idx in batches]
+
+    def step(self, batch) -> torch.Tensor:
+        idx, texts = batch
+        queries = bank_queries(self.model, self.bank.refer_bank, self.ref_rows[idx], texts)
+        return bank_loss(queries, self.bank.target_bank, self.target_rows[idx], self.config.tau, neg_num=self.config.neg_num,
+                         chunk_size=self.config.chunk_size, generator=self.negatives,
+                         exclude=None if self.config.reference_negatives else self.ref_rows[idx])
+
+    def train_mode(self): cir_train_mode(self.model)
+    def validate(self) -> tuple[dict, float]: return validate_cir(self.model, self.config)
+    def epoch_extra(self, seconds:float, losses:list[float]) -> dict:
+        return {"triplets_per_second": round(len(losses) * self.config.batch_size / max(seconds, 1e-9), 1)}
+
+# %% ../nbs/07_stage2.ipynb #2e16ea56
+def _bank_images(config:Stage2Config, tset:TrainingSet) -> tuple[dict[str, Path], int]:
+    "The bank's images (the pool, then any extra negatives) and how many come from the training split."
+    images = train_bank_images(load_dataset(config.data, config.format, "train", config.categories), tset.triplets)
+    if config.pool == "triplets":
+        named = {n for t in tset.triplets for n in (t.reference, t.target)}
+        images = {n: p for n, p in images.items() if n in named}
+    n_train = len(images)
+    if config.extra_negatives is not None: images |= read_extra_negatives(config.extra_negatives)
+    return images, n_train
+
+def _stage2_job(config:Stage2Config, net, tset:TrainingSet, bank:ImageBank, dev:torch.device) -> _Stage2Job:
+    "The job, after checking that the bank and the batch fit the triplets."
+    if config.neg_num is not None and config.neg_num >= len(bank):
+        raise SpnError(f"neg_num {config.neg_num} must be below the {len(bank)} bank rows (or None for all)")
+    ref_rows, target_rows = bank_rows(tset.triplets, bank.rows, config.extra)
+    n_epoch = len(epoch_order(tset.generated, 1, config.seed, config.extra_ratio))
+    if config.batch_size > n_epoch:
+        raise SpnError(f"batch_size {config.batch_size} is larger than the {n_epoch} training triplets of an epoch", config.data)
+    return _Stage2Job(net, bank, tset, ref_rows, target_rows, config, dev)
+
+# %% ../nbs/07_stage2.ipynb #86eef642
+def train_stage2(config:Stage2Config, # the run's settings
                  progress:bool=True # show progress bars
                 ) -> dict:
     "Stage 2 of SPN4CIR: the text side trained with InfoNCE over a static bank of every training image; returns the run summary."
-    if epochs < 1 or batch_size < 1: raise SpnError(f"needs epochs >= 1 and batch_size >= 1, got {epochs} and {batch_size}")
-    if neg_num is not None and neg_num < 1: raise SpnError(f"neg_num must be >= 1, got {neg_num}")
-    if not (tau > 0 and lr > 0): raise SpnError(f"tau and lr must be positive, got {tau} and {lr}")
-    out, dev = Path(out), pick_device(device)
-    dtype = pick_precision(dev, precision)
-    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
-    resolved = lambda p: None if p is None else str(Path(p).resolve())
-    args = {"data": str(Path(data).resolve()), "format": format, "model": str(Path(model).resolve()) if Path(model).is_dir() else str(model), "extra": resolved(extra), "no_human": no_human,
-            "neg_num": neg_num, "extra_negatives": resolved(extra_negatives), "extra_ratio": extra_ratio, "reference_negatives": reference_negatives, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "tau": tau, "weight_decay": weight_decay, "betas": list(betas), "eps": eps,
-            "categories": categories, "val_split": val_split, "seed": seed, "kind": kind, "precision": str(dtype).replace("torch.", "")}
-    folder = find_train_state(out, STATE_DIR)
-    if folder is not None and not resume:
-        raise SpnError(f"holds a training run ({folder.name}); pass resume=True to continue it, or choose another out folder", out)
-    saved = read_json(folder / STATE_FILE) if folder is not None else None
-    if saved is not None:
-        changed = {k: (saved["args"].get(k), args[k]) for k in _RESUME_KEYS if saved["args"].get(k) != args[k]}
-        if changed: raise SpnError(f"holds a stage-2 run with other settings {changed} (saved, asked); resume with the same settings or use another out", out)
-
-    seed_everything(seed)
-    tset = training_set(data, format, extra, no_human, categories, cache, progress=progress)
-    net = load_checkpoint(folder, device=dev) if saved is not None else load_model(model, device=dev)
-    images = train_bank_images(load_dataset(data, format, "train", categories), tset.triplets)
-    n_train_images = len(images)
-    if extra_negatives is not None: images |= read_extra_negatives(extra_negatives)
+    out, dev = Path(config.out), pick_device(config.device)
+    dtype = pick_precision(dev, config.precision)
+    cache = Path(config.cache_dir) if config.cache_dir is not None else out / "cache"
+    settings, files = resolved_settings(config, dtype), RunFiles(out, "stage2")
+    state = open_run(config, settings, files, config.changeable())
+    seed_everything(config.seed)
+    tset = training_set(config.data, config.format, config.extra, config.no_human, config.categories, cache, progress=progress)
+    net = load_checkpoint(state, device=dev) if state is not None else load_model(config.model, device=dev)
+    images, n_train = _bank_images(config, tset)
     started = time.perf_counter()
-    host_bank = build_banks(net, images, cache, kind, eval_batch_size, workers, progress)
+    host_bank = build_banks(net, images, cache, config.kind, config.eval_batch_size, config.workers, progress)
     bank_seconds = time.perf_counter() - started
     bank = host_bank.to(dev, torch.float16 if dev.type == "cuda" else torch.float32)     # resident for the whole run
-    if neg_num is not None and neg_num >= len(bank): raise SpnError(f"neg_num {neg_num} must be below the {len(bank)} bank rows (or None for all)")
-    ref_rows, target_rows = bank_rows(tset.triplets, bank.rows, extra)
-    n_epoch = len(epoch_order(tset.generated, 1, seed, extra_ratio))
-    if batch_size > n_epoch: raise SpnError(f"batch_size {batch_size} is larger than the {n_epoch} training triplets of an epoch", data)
-    val_sets = _validation_sets(net, data, format, val_split, categories, cache, kind, eval_batch_size, workers, progress)
-
-    params = freeze_image_side(net)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)          # no schedule, as the reference
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    if saved is not None:
-        history = load_train_state(folder, optimizer, scheduler, scaler)["history"]
-        plot_history(history, out / CURVE_FILE, title="stage 2 (static bank)")      # a kill may have come before it was drawn
-    else:
-        metrics, score = _validate(net, val_sets, format, eval_batch_size)
-        history = [{"epoch": 0, "train_loss": None, "lr": lr, "steps": 0, "seconds": 0.0, "score": score, "metrics": metrics}]
-        save_checkpoint(net, out, extra_config=_checkpoint_extra(net, args, history[0]))
-    write_jsonl(out / HISTORY_FILE, history)
-
-    for epoch in range(len(history), epochs + 1):
-        torch.manual_seed(seed * 1_000_003 + epoch * 1009)                                 # dropout of this epoch
-        order = epoch_order(tset.generated, epoch, seed, extra_ratio)
-        _train_mode(net)
-        started = time.perf_counter()
-        loss, steps = _run_epoch(net, bank, tset, ref_rows, target_rows, format, order, epoch, seed, batch_size, tau, neg_num,
-                                 chunk_size, reference_negatives, optimizer, scaler, dev, dtype, progress)
-        seconds = time.perf_counter() - started
-        val_started = time.perf_counter()
-        metrics, score = _validate(net, val_sets, format, eval_batch_size)
-        record = {"epoch": epoch, "train_loss": round(loss, 5), "lr": lr, "steps": steps, "seconds": round(seconds, 3),
-                  "val_seconds": round(time.perf_counter() - val_started, 3),
-                  "triplets_per_second": round(steps * batch_size / max(seconds, 1e-9), 1), "score": score, "metrics": metrics}
-        if score > max(h["score"] for h in history): save_checkpoint(net, out, extra_config=_checkpoint_extra(net, args, record))
-        history.append(record)
-        save_train_state(out, net, optimizer, scheduler, scaler, {"format": 1, "stage": 2, "args": args, "history": history}, STATE_DIR)
-        append_jsonl(out / HISTORY_FILE, [record])
-        plot_history(history, out / CURVE_FILE, title="stage 2 (static bank)")
-        if progress: tqdm.write(f"stage 2 epoch {epoch}/{epochs}: loss {loss:.4f}, val {score:.2f} ({seconds:.1f} s)")
+    job = _stage2_job(config, net, tset, bank, dev)
+    job.validation = cir_validation(config, dtype)
+    optimizer = torch.optim.AdamW(freeze_image_side(net), lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("constant", 1, 0))     # no schedule, as the reference
+    history = run_epochs(job, Plan(settings, files, optimizer, scheduler, dev, dtype, progress=progress), state)
     best = max(history, key=lambda h: h["score"])
     return {"out": str(out), "best_epoch": best["epoch"], "best_score": best["score"], "start_score": history[0]["score"],
-            "history": history, "triplets": len(tset), "generated": int(tset.generated.sum()), "train_images": n_train_images,
+            "history": history, "triplets": len(tset), "generated": int(tset.generated.sum()), "train_images": n_train,
             "bank_images": len(images), "bank_rows": len(bank), "bank_seconds": round(bank_seconds, 2), "bank_from_cache": not host_bank.encoded}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from spn4cir.core import read_json, read_jsonl
 from spn4cir.data import load_dataset, read_triplets
 from spn4cir.models import CIRModel, build_backbone, load_checkpoint, save_checkpoint
-from spn4cir.stage1 import find_train_state
+from spn4cir.engine import find_train_state
 from spn4cir.synthetic import write_shapes_cir
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill driver forks one child per attempt")

@@ -6,11 +6,17 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from spn4cir import pretrain as pretrain_module
-from spn4cir.core import SpnError, write_jsonl
+from spn4cir import engine
+from spn4cir.core import SpnError, read_jsonl, write_jsonl
 from spn4cir.models import load_checkpoint, load_model
-from spn4cir.pretrain import (CaptionPairs, clip_loss, evaluate_retrieval, pretrain_clip, read_caption_pool,
+from spn4cir.pretrain import (CaptionPairs, PretrainConfig, clip_loss, evaluate_retrieval, read_caption_pool,
                               retrieval_recall, split_pool)
+from spn4cir.pretrain import pretrain_clip as pretrain_job
+
+
+def pretrain_clip(data, out, progress=False, **settings):
+    "The job with its settings as keywords."
+    return pretrain_job(PretrainConfig(str(data), str(out), **settings), progress=progress)
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 
@@ -50,7 +56,7 @@ def _same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-SMALL = dict(epochs=2, batch_size=16, lr=1e-3, val_fraction=0.1, progress=False)   # 65 train pairs: 4 steps an epoch
+SMALL = dict(epochs=2, batch_size=16, lr=1e-3, val_fraction=0.1)   # 65 train pairs: 4 steps an epoch
 
 
 def test_short_run_lowers_loss_and_improves_retrieval(pool, tmp_path):
@@ -65,8 +71,8 @@ def test_short_run_lowers_loss_and_improves_retrieval(pool, tmp_path):
     model = load_model(tmp_path / "clip")
     assert model.extra_config["pretrain"]["epochs"][-1] == final
     assert model.provenance["pretrained"]["pairs"] == 256
-    history = json.loads((tmp_path / "clip" / "pretrain_history.json").read_text())
-    assert history["step_loss"] == run["step_loss"]
+    history = read_jsonl(tmp_path / "clip" / "pretrain_history.jsonl")
+    assert [l for h in history for l in h.get("step_loss", [])] == run["step_loss"]
     # its scores are reproduced by evaluating the saved model on the same held-out pairs
     _, val = split_pool(read_caption_pool(pool / "pretrain_captions.jsonl", pool), 0.2, 1000, 0)
     again = evaluate_retrieval(model, CaptionPairs(val, model.image_transform(), model.tokenize), batch_size=32)
@@ -84,11 +90,8 @@ def test_deterministic_for_a_seed(small_pool, tmp_path):
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(small_pool, tmp_path, monkeypatch):
     whole = pretrain_clip(small_pool, tmp_path / "whole", **SMALL)
-    real_save = pretrain_module.save_checkpoint
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt("killed after the first epoch")
-    monkeypatch.setattr(pretrain_module, "save_checkpoint", save_then_die)
+    def die(*args, **kwargs): raise KeyboardInterrupt("killed after the first epoch's state")
+    monkeypatch.setattr(engine, "append_jsonl", die)
     with pytest.raises(KeyboardInterrupt):
         pretrain_clip(small_pool, tmp_path / "resumed", **SMALL)
     monkeypatch.undo()
@@ -96,13 +99,53 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(small_pool, tmp_
     resumed = pretrain_clip(small_pool, tmp_path / "resumed", **SMALL)
     assert resumed["step_loss"] == whole["step_loss"] and resumed["epochs"] == whole["epochs"]
     assert _same_weights(_weights(tmp_path / "resumed"), _weights(tmp_path / "whole"))
+    assert not (tmp_path / "resumed" / "train_state.pt").exists() and (tmp_path / "resumed" / "pretrain_state" / "optimizer.safetensors").is_file()
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_kill_between_checkpoint_and_state_then_rerun_finishes(small_pool, tmp_path, monkeypatch, epochs):
+    "Issue 13.1: cut after the last epoch's checkpoint, before its resume state: the rerun trains that epoch again."
+    settings = SMALL | {"epochs": epochs}
+    whole = pretrain_clip(small_pool, tmp_path / "whole", **settings)
+    real, calls = engine.save_train_state, []
+    def cut(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epochs: raise KeyboardInterrupt("killed between the checkpoint and the state")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine, "save_train_state", cut)
+    with pytest.raises(KeyboardInterrupt): pretrain_clip(small_pool, tmp_path / "cut", **settings)
+    monkeypatch.undo()
+    again = pretrain_clip(small_pool, tmp_path / "cut", **settings)
+    assert again["epochs"] == whole["epochs"] and again["step_loss"] == whole["step_loss"]
+    assert _same_weights(_weights(tmp_path / "cut"), _weights(tmp_path / "whole"))
+    cut, clean = (load_model(tmp_path / name).extra_config["pretrain"] for name in ("cut", "whole"))
+    assert cut["epochs"] == clean["epochs"] and cut["init"] == clean["init"]
+
+
+def test_pickled_or_corrupt_resume_state_is_named(small_pool, tmp_path):
+    (tmp_path / "old").mkdir(); (tmp_path / "old" / "train_state.pt").write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(SpnError, match="train_state.pt: a pickled resume state"):
+        pretrain_clip(small_pool, tmp_path / "old", **SMALL)
+    pretrain_clip(small_pool, tmp_path / "run", **(SMALL | {"epochs": 1}))
+    (tmp_path / "run" / "pretrain_state" / "optimizer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SpnError, match="optimizer.safetensors: not a readable safetensors file"):
+        pretrain_clip(small_pool, tmp_path / "run", **(SMALL | {"epochs": 1}))
+
+
+def test_settings_are_checked_before_anything_runs(tmp_path):
+    for bad, message in [(dict(lr=-1), "lr must be a finite number > 0"), (dict(lr=math.inf), "lr must be a finite number"),
+                         (dict(batch_size=1), "batch_size must be an integer >= 2"), (dict(warmup=1.5), "warmup is a share")]:
+        with pytest.raises(SpnError, match=message): PretrainConfig(str(tmp_path), str(tmp_path / "out"), **bad)
+    assert not (tmp_path / "out").exists()
 
 
 def test_other_settings_are_not_mixed_into_a_run(small_pool, tmp_path):
     pretrain_clip(small_pool, tmp_path / "run", **SMALL)
     with pytest.raises(SpnError, match=r"other settings \{'lr': \(0.001, 0.0005\)\}"):
         pretrain_clip(small_pool, tmp_path / "run", **{**SMALL, "lr": 5e-4})
-    fresh = pretrain_clip(small_pool, tmp_path / "run", resume=False, **{**SMALL, "lr": 5e-4})
+    with pytest.raises(SpnError, match=r"pass --resume \(resume=True in Python\)"):
+        pretrain_clip(small_pool, tmp_path / "run", resume=False, **SMALL)
+    fresh = pretrain_clip(small_pool, tmp_path / "fresh", **{**SMALL, "lr": 5e-4})
     assert fresh["args"]["lr"] == 5e-4 and len(fresh["epochs"]) == 2
 
 
@@ -128,7 +171,7 @@ def test_bad_pools_are_named(tmp_path):
     with pytest.raises(SpnError, match="needs at least 4 image-caption pairs, found 3"):
         pretrain_clip(root, tmp_path / "out", **SMALL)
     with pytest.raises(SpnError, match="file not found"):
-        pretrain_clip(root, tmp_path / "out", captions=root / "missing.jsonl", **SMALL)
+        pretrain_clip(root, tmp_path / "out", captions=str(root / "missing.jsonl"), **SMALL)
     (root / "img/0.png").write_bytes(b"")   # an image that breaks while training names itself
     write_jsonl(captions, [{"image": f"img/{i}.png", "caption": "a"} for i in range(6)])
     with pytest.raises(SpnError, match=r"cannot load image .*img/0.png: file is empty"):

@@ -12,14 +12,21 @@ from spn4cir.core import SpnError, read_json, read_jsonl
 from spn4cir.data import write_triplets
 from spn4cir.models import CIRModel, build_backbone, load_checkpoint, save_checkpoint, set_trainable
 from spn4cir.synthetic import write_shapes_cir
+import spn4cir.engine as engine
 import spn4cir.stage1 as stage1
-from spn4cir.stage1 import (CURVE_FILE, HISTORY_FILE, STATE_DIR, QueryTargetNet, TripletBatches, batch_loss, train_stage1,
+from spn4cir.stage1 import (CURVE_FILE, HISTORY_FILE, STATE_DIR, QueryTargetNet, Stage1Config, TripletBatches, batch_loss,
                             training_set)
+from spn4cir.stage1 import train_stage1 as stage1_job
+
+
+def train_stage1(data, format, model, out, progress=False, **settings):
+    "The job with its settings as keywords."
+    return stage1_job(Stage1Config(str(data), format, str(model), str(out), **settings), progress=progress)
 
 MICRO = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
          "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 SIZES = dict(n_train_triplets=16, n_unlabeled=6, n_val=12, n_test=4, n_pretrain=0, n_duplicates=2, progress=False)
-RUN = dict(epochs=2, batch_size=8, lr=1e-4, tau=0.05, progress=False)
+RUN = dict(epochs=2, batch_size=8, lr=1e-4, tau=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +102,16 @@ def test_two_processes_give_the_single_process_loss_and_gradients(world, tmp_pat
 
 RUN_SCRIPT = """
 import sys
-from spn4cir.stage1 import train_stage1
+from spn4cir.stage1 import Stage1Config, train_stage1
 ckpt, data, out = sys.argv[1:4]
-train_stage1(data, "cirr", ckpt, out, epochs=1, batch_size=8, lr=1e-4, tau=0.05, progress=False)
+train_stage1(Stage1Config(data, "cirr", ckpt, out, epochs=1, batch_size=8, lr=1e-4, tau=0.05), progress=False)
 """
 
 def test_torchrun_training_matches_one_process(world, tmp_path):
     "The whole training function under torchrun (2 gloo processes) ends with the weights of a 1-process run."
     script = tmp_path/"run.py"; script.write_text(RUN_SCRIPT)
     torchrun(script, world["ckpt"], world["cirr"], tmp_path/"ddp")
-    single = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"one", epochs=1, batch_size=8, lr=1e-4, tau=0.05, progress=False)
+    single = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"one", epochs=1, batch_size=8, lr=1e-4, tau=0.05)
     ddp_history = read_jsonl(tmp_path/"ddp"/HISTORY_FILE)
     assert ddp_history[1]["train_loss"] == pytest.approx(single["history"][1]["train_loss"], abs=1e-5)
     # Adam divides each update by the gradient's running scale, so a parameter whose gradient is ~0 can move by up to
@@ -125,12 +132,12 @@ def test_batch_size_must_split_over_processes(world, tmp_path):
 def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(world, tmp_path, monkeypatch):
     full = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"full", **RUN)
 
-    real_plot, calls = stage1.plot_history, []
-    def interrupted(history, path=None, title="stage 1"):
+    real_plot, calls = engine.draw_curve, []
+    def interrupted(history, path, title):
         calls.append(len(history))
         if len(calls) == 1: raise KeyboardInterrupt   # killed right after epoch 1 was saved
         return real_plot(history, path, title)
-    monkeypatch.setattr(stage1, "plot_history", interrupted)
+    monkeypatch.setattr(engine, "draw_curve", interrupted)
     with pytest.raises(KeyboardInterrupt): train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"cut", **RUN)
     assert [h["epoch"] for h in read_json(tmp_path/"cut"/STATE_DIR/"state.json")["history"]] == [0, 1]
     resumed = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"cut", resume=True, **RUN)
@@ -170,6 +177,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(world, tmp_path, mo
 
 def test_settings_are_checked(world, tmp_path):
     with pytest.raises(SpnError, match="unknown schedule"): train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"x", schedule="step")
+    with pytest.raises(SpnError, match="has no meaning for cirr data"):
+        train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"x", protocol="no-reference", **RUN)
+    with pytest.raises(TypeError, match="neg_num"):              # a stage-2 option does not exist in stage 1
+        train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"x", neg_num=5, **RUN)
     with pytest.raises(SpnError, match="unknown trainable group 'tower'"):
         train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"x", train_part="tower", **RUN)
     with pytest.raises(SpnError, match="nothing to train for 'combiner'"):
@@ -217,3 +228,14 @@ def test_fashioniq_training_and_validation(world, tmp_path):
     assert set(run["history"][1]["metrics"]) == {"black", "grey", "white", "average", "Rmean"}
     assert run["history"][1]["score"] == run["history"][1]["metrics"]["Rmean"]
     assert (tmp_path/"f"/CURVE_FILE).is_file() and read_json(tmp_path/"f"/"config.json")["extra"]["stage"] == 1
+
+
+def test_validation_uses_the_stages_transform_and_protocol_like_eval(world, tmp_path):
+    "Stage-1 validation is `spn4cir eval`'s code under the stage's kind and ratio (it used to ignore kind)."
+    from spn4cir.data import load_dataset
+    from spn4cir.evaluate import encode_split, metrics_of
+    run = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"r", kind="resize", **(RUN | {"epochs": 1}))
+    model = load_checkpoint(world["ckpt"])
+    split = load_dataset(world["cirr"], "cirr", "val")["all"]
+    assert run["history"][0]["metrics"] == metrics_of({"all": encode_split(model, split, transform_kind="resize", progress=False)}, "cirr")
+    assert read_json(tmp_path/"r"/"settings.json")["kind"] == "resize"

@@ -87,11 +87,20 @@ from spn4cir.data import Triplet, load_dataset, write_triplets
 from spn4cir.models import load_model, save_checkpoint
 from spn4cir.synthetic import write_shapes_cir
 from spn4cir.models import load_checkpoint
-from spn4cir.stage1 import epoch_order, find_train_state, training_set
-from spn4cir.stage2 import (HISTORY_FILE, CURVE_FILE, STATE_DIR, bank_rows, freeze_image_side, read_extra_negatives, train_bank_images,
-                            train_stage2)
+from spn4cir import engine
+from spn4cir.engine import Plan, RunFiles, find_train_state, train_epoch
+from spn4cir.stage1 import epoch_order, training_set
+from spn4cir.stage2 import (HISTORY_FILE, CURVE_FILE, STATE_DIR, Stage2Config, bank_rows, freeze_image_side, read_extra_negatives,
+                            train_bank_images)
+from spn4cir.stage2 import train_stage2 as stage2_job
 
-FAST = dict(epochs=1, batch_size=8, lr=1e-4, tau=0.05, progress=False)
+
+def train_stage2(data, format, model, out, progress=False, **settings):
+    "The job with its settings as keywords."
+    return stage2_job(Stage2Config(str(data), format, str(model), str(out), **settings), progress=progress)
+
+
+FAST = dict(epochs=1, batch_size=8, lr=1e-4, tau=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +131,11 @@ def test_image_tower_and_bank_never_change_while_text_side_trains(shapes, tmp_pa
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     tset = training_set(shapes / "data", "cirr", progress=False)
     refs, targets = bank_rows(tset.triplets, bank.rows)
-    stage2._run_epoch(net, bank, tset, refs, targets, "cirr", epoch_order(tset.generated, 1, 0), 1, 0, 8, 0.05, None, 1024, True,
-                      optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), torch.float32, False)
+    config = Stage2Config(str(shapes / "data"), "cirr", str(shapes / "start"), str(tmp_path / "unused"), batch_size=8, tau=0.05, chunk_size=1024)
+    job = stage2._Stage2Job(net, bank, tset, refs, targets, config, torch.device("cpu"))
+    plan = Plan({"epochs": 1, "seed": 0}, RunFiles(tmp_path, "stage2"), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                torch.device("cpu"), torch.float32, progress=False)
+    job.train_mode(); train_epoch(job, plan, 1)
     after = net.state_dict()
     assert _states_equal(before, after, "backbone.visual.")
     assert torch.equal(before["backbone.logit_scale"], after["backbone.logit_scale"])
@@ -142,14 +154,14 @@ def test_run_writes_best_checkpoint_history_curve_and_keeps_image_side(shapes, t
     start = load_model(shapes / "start").state_dict()
     last = load_checkpoint(find_train_state(tmp_path / "out", STATE_DIR)).state_dict()
     assert _states_equal(start, last, "backbone.visual.") and not _states_equal(start, last, "backbone.transformer.")
-    with pytest.raises(SpnError, match="pass resume=True"):
+    with pytest.raises(SpnError, match=r"pass --resume \(resume=True in Python\)"):
         train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", **FAST)
     from spn4cir.evaluate import evaluate_model, headline_score
     assert abs(headline_score(evaluate_model(tmp_path / "out", shapes / "data", "cirr", progress=False)) - run["best_score"]) < 1e-6
 
 
 def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
-    settings = dict(batch_size=8, lr=1e-4, tau=0.05, progress=False, cache_dir=tmp_path / "cache")
+    settings = dict(batch_size=8, lr=1e-4, tau=0.05, cache_dir=str(tmp_path / "cache"))
     whole = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "whole", epochs=2, **settings)
     train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "parts", epochs=1, **settings)
     resumed = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "parts", epochs=2, resume=True, **settings)
@@ -170,8 +182,8 @@ def test_generated_positives_and_extra_negatives(shapes, tmp_path):
     made = [Triplet(unused[i], unused[i + 1], [f"generated text {i}"], pairid=10_000 + i) for i in range(4)]
     write_triplets(tmp_path / "extra.json", made, "cirr")
     pretrain = shapes / "data" / "pretrain"
-    run = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", extra=tmp_path / "extra.json",
-                       extra_negatives=pretrain, neg_num=5, **FAST)
+    run = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", extra=str(tmp_path / "extra.json"),
+                       extra_negatives=str(pretrain), neg_num=5, **FAST)
     n_extra = len(read_extra_negatives(pretrain))
     assert run["generated"] == 4 and run["triplets"] == len(train.triplets) + 4
     assert run["bank_images"] == run["train_images"] + n_extra
@@ -182,18 +194,19 @@ def test_generated_positives_and_extra_negatives(shapes, tmp_path):
 def test_extra_triplet_outside_the_training_images_is_named(shapes, tmp_path):
     write_triplets(tmp_path / "extra.json", [Triplet("nowhere", "nothing", ["x"], pairid=1)], "cirr")
     with pytest.raises(SpnError, match=r"extra.json: record 0: reference 'nowhere' is not an image of the train split"):
-        train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", extra=tmp_path / "extra.json", **FAST)
+        train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", extra=str(tmp_path / "extra.json"), **FAST)
 
 
 def test_non_finite_loss_stops_and_keeps_the_best_checkpoint(shapes, tmp_path, monkeypatch):
     monkeypatch.setattr(stage2, "bank_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(SpnError, match="loss became nan at epoch 1, step 1"):
+    with pytest.raises(SpnError, match="loss became nan at epoch 1, batch 1"):
         train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", **FAST)
     assert load_model(tmp_path / "out").extra_config["stage2"]["epoch"] == 0
 
 
-@pytest.mark.parametrize("bad, message", [(dict(epochs=0), "epochs >= 1"), (dict(neg_num=0), "neg_num must be >= 1"),
-                                          (dict(tau=0.0), "must be positive")])
+@pytest.mark.parametrize("bad, message", [(dict(epochs=0), "epochs must be an integer >= 1"),
+                                          (dict(neg_num=0), "neg_num must be an integer >= 1"), (dict(tau=0.0), "tau must be a finite number > 0"),
+                                          (dict(protocol="no-reference"), "no meaning for cirr data")])
 def test_bad_settings_are_refused(shapes, tmp_path, bad, message):
     with pytest.raises(SpnError, match=message):
         train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", **(FAST | bad))
@@ -211,3 +224,25 @@ def test_missing_training_images(shapes, tmp_path):
     with pytest.warns(UserWarning, match="left out of the bank"):
         images = train_bank_images(splits, split.triplets)
     assert unused not in images and len(images) == len(listed) - 1
+
+
+def test_protocol_selects_and_records_under_fashioniq(tmp_path):
+    "`--protocol no-reference` in stage 2 validates (and so picks the best epoch) under that protocol and records it."
+    from spn4cir.evaluate import evaluate_model
+    write_shapes_cir(tmp_path / "fiq", format="fashioniq", seed=2, n_train_triplets=16, n_unlabeled=6, n_val=12, n_test=4,
+                     n_pretrain=0, n_duplicates=0, progress=False)
+    torch.manual_seed(0)
+    save_checkpoint(CIRModel(*create_backbone("spn-tiny-vit")), tmp_path / "start")
+    run = train_stage2(tmp_path / "fiq", "fashioniq", tmp_path / "start", tmp_path / "out", protocol="no-reference", **FAST)
+    start = evaluate_model(str(tmp_path / "start"), tmp_path / "fiq", "fashioniq", protocol="no-reference", progress=False)
+    assert run["history"][0]["metrics"] == start
+    assert all(h["validation"]["protocol"] == "no-reference" for h in read_jsonl(tmp_path / "out" / HISTORY_FILE))
+    from spn4cir.core import read_json
+    assert read_json(tmp_path / "out" / "settings.json")["protocol"] == "no-reference"
+
+
+def test_pool_of_triplet_images_is_the_references(shapes, tmp_path):
+    "pool='triplets' banks only the images some triplet names (the reference's M); the default banks the whole split."
+    run = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", pool="triplets", **FAST)
+    named = {n for t in training_set(shapes / "data", "cirr", progress=False).triplets for n in (t.reference, t.target)}
+    assert run["train_images"] == len(named) < len(load_dataset(shapes / "data", "cirr", "train")["all"].images)
