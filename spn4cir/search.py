@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+import spn4cir
 from .core import Config, SpnError, append_jsonl, atomic_save, check_number, read_json, read_jsonl, write_json, write_settings
 from .data import load_dataset, load_image, split_image_names
 from .images import IMAGE_SUFFIXES, image_fingerprint
@@ -46,7 +46,7 @@ class _Images(torch.utils.data.Dataset):
 # %% ../nbs/13_search.ipynb #2e81b006
 def _manifest(model, spec:str, kind:str, approximate:str) -> dict:
     pp = getattr(model, "preprocess_cfg", {}) or {}
-    return {"version": INDEX_VERSION, "spn4cir": __version__, "model": spec, "fingerprint": image_fingerprint(model, "targetpad"),
+    return {"version": INDEX_VERSION, "spn4cir": spn4cir.__version__, "model": spec, "fingerprint": image_fingerprint(model, "targetpad"),
             "preprocessing": {"transform": "targetpad", "ratio": 1.25, "size": pp.get("size"), "mean": pp.get("mean"), "std": pp.get("std")},
             "index": approximate}
 
