@@ -192,7 +192,7 @@ def test_caption_folders_take_no_symlink_out_of_the_folder(tmp_path):
     assert list(folder_images(tmp_path/"pics")) == ["a"]
     (tmp_path/"pics/link.png").symlink_to(tmp_path/"b.png")
     message, opened = _opened_while(lambda: folder_images(tmp_path/"pics"))
-    assert "record link: path 'link.png' resolves outside" in message and opened == []
+    assert "record link.png: path 'link.png' resolves outside" in message and opened == []
 
 
 def test_captioning_model_with_pickled_objects_is_refused_and_runs_no_code(tmp_path, monkeypatch):
