@@ -38,7 +38,7 @@ def _unit_features(feats, # (N, D) torch tensor or numpy array; (N, K, D) too wh
     finite = torch.isfinite(x).all(dim=-1)
     bad = ~(finite if finite.ndim == 1 else finite.all(dim=1))
     if bad.any(): raise SpnError(f"{name} row {int(bad.nonzero()[0])} holds NaN or infinite values")
-    return F.normalize(x, dim=1)
+    return F.normalize(x, dim=-1)
 
 # %% ../nbs/08_evaluation.ipynb #a65bcd21
 def _name_index(gallery_names:Sequence[str], # one name per gallery row
