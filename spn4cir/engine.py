@@ -269,8 +269,8 @@ def cir_validation(config:Config, # a stage's settings
             "ratio": getattr(config, "ratio", 1.25), "precision": str(dtype).replace("torch.", "")}
 
 def cir_train_mode(model:CIRModel):
-    "Combiner (and towers' dropout) in training mode, the backbone's normalisation statistics frozen (eval mode)."
-    model.train(); model.backbone.eval()
+    "The model's CIR training mode (`CIRFamily.cir_train`): for `CIRModel` the combiner trains, the backbone stays in eval mode."
+    model.cir_train()
 
 # %% ../nbs/03a_engine.ipynb #5ec96146
 class TrainJob:

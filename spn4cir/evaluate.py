@@ -19,23 +19,26 @@ __all__ = ['CIRR_KS', 'CIRR_SUBSET_KS', 'FASHIONIQ_KS', 'FASHIONIQ_PROTOCOLS', '
            'BENCHMARK_FORMATS', 'target_ranks', 'topk_retrieval', 'cirr_metrics', 'fashioniq_metrics',
            'fashioniq_average', 'cirr_submission', 'write_cirr_submission', 'circo_ranking_metrics', 'circo_metrics',
            'circo_submission', 'write_circo_submission', 'genecis_metrics', 'genecis_ranking_metrics', 'query_text',
-           'SplitFeatures', 'encode_images', 'encode_split', 'metrics_of', 'headline_score', 'evaluate_model',
-           'submit_cirr', 'ScoreConfig', 'score_predictions', 'evaluate_circo', 'evaluate_genecis', 'parse_data',
-           'metrics_table', 'EvalConfig', 'evaluate', 'SubmitConfig', 'submit']
+           'SplitFeatures', 'encode_gallery', 'encode_images', 'query_features', 'encode_split', 'metrics_of',
+           'headline_score', 'evaluate_model', 'submit_cirr', 'ScoreConfig', 'score_predictions', 'evaluate_circo',
+           'evaluate_genecis', 'parse_data', 'metrics_table', 'EvalConfig', 'evaluate', 'SubmitConfig', 'submit']
 
 # %% ../nbs/08_evaluation.ipynb #1852ddb4
-def _unit_features(feats, # (N, D) torch tensor or numpy array
+def _unit_features(feats, # (N, D) torch tensor or numpy array; (N, K, D) too when `multi`
                    name:str, # what the array is, for the error message
                    dtype:torch.dtype=torch.float32, # precision of the scores
-                   device:str|torch.device|None=None # where to compute; None keeps the tensor's device (CPU for numpy)
+                   device:str|torch.device|None=None, # where to compute; None keeps the tensor's device (CPU for numpy)
+                   multi:bool=False # accept multi-vector rows (N, K, D), K >= 1 (galleries)
                   ) -> torch.Tensor:
-    "Rows of `feats` as an L2-normalised `dtype` tensor on `device`."
+    "Rows of `feats` (each of their vectors) as an L2-normalised `dtype` tensor on `device`."
     x = feats if isinstance(feats, torch.Tensor) else torch.as_tensor(np.asarray(feats))
-    if x.ndim != 2: raise SpnError(f"{name} must be a 2-D (N, D) array, got shape {tuple(x.shape)}")
+    if x.ndim != 2 and not (multi and x.ndim == 3 and x.shape[1] >= 1):
+        raise SpnError(f"{name} must be a 2-D (N, D){' or 3-D (N, K, D)' if multi else ''} array, got shape {tuple(x.shape)}")
     x = x.detach().to(device=x.device if device is None else device, dtype=dtype)
-    bad = ~torch.isfinite(x).all(dim=1)
+    finite = torch.isfinite(x).all(dim=-1)
+    bad = ~(finite if finite.ndim == 1 else finite.all(dim=1))
     if bad.any(): raise SpnError(f"{name} row {int(bad.nonzero()[0])} holds NaN or infinite values")
-    return F.normalize(x, dim=1)
+    return F.normalize(x, dim=-1)
 
 # %% ../nbs/08_evaluation.ipynb #a65bcd21
 def _name_index(gallery_names:Sequence[str], # one name per gallery row
@@ -66,14 +69,15 @@ def _rows_of(index:dict[str, int], # from `_name_index`
 
 # %% ../nbs/08_evaluation.ipynb #15223a7b
 def _score_chunks(query:torch.Tensor, # (Q, D) unit rows
-                  gallery:torch.Tensor, # (G, D) unit rows, same device and dtype
+                  gallery:torch.Tensor, # (G, D) unit rows, or (G, K, D) rows of K unit vectors, same device and dtype
                   chunk_size:int # queries per chunk
                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    "Yield `(start, stop, scores)` with `scores` the `(stop - start, G)` cosine block."
+    "Yield `(start, stop, scores)` with `scores` the `(stop - start, G)` cosine block (a multi-vector row scores its best vector)."
     if chunk_size < 1: raise SpnError(f"chunk_size must be at least 1, got {chunk_size}")
     for start in range(0, len(query), chunk_size):
         stop = min(start + chunk_size, len(query))
-        yield start, stop, query[start:stop] @ gallery.T
+        if gallery.ndim == 2: yield start, stop, query[start:stop] @ gallery.T
+        else: yield start, stop, (query[start:stop] @ gallery.reshape(-1, gallery.shape[-1]).T).view(stop - start, *gallery.shape[:2]).amax(dim=2)
 
 def _exclusions(exclude, # None, (Q,) or (Q, E) gallery rows to remove per query, -1 for none
                 n_queries:int, n_gallery:int) -> torch.Tensor:
@@ -128,7 +132,7 @@ def target_ranks(query_feats, # (Q, D) query features
                 ) -> torch.Tensor:
     "0-based pessimistic rank of each target (float64; inf when the target is excluded)."
     q = _unit_features(query_feats, "query_feats", dtype, device)
-    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device)
+    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device, multi=True)
     _check_shapes(q, g)
     tgt = torch.as_tensor(np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets), dtype=torch.long).reshape(-1)
     if len(tgt) != len(q): raise SpnError(f"targets has {len(tgt)} entries for {len(q)} queries")
@@ -139,7 +143,7 @@ def _check_shapes(q:torch.Tensor, g:torch.Tensor):
     "Refuse empty inputs and mismatched feature widths."
     if len(q) == 0: raise SpnError("there are no queries to evaluate")
     if len(g) == 0: raise SpnError("the gallery is empty")
-    if q.shape[1] != g.shape[1]: raise SpnError(f"query_feats have {q.shape[1]} dimensions but gallery_feats have {g.shape[1]}")
+    if q.shape[1] != g.shape[-1]: raise SpnError(f"query_feats have {q.shape[1]} dimensions but gallery_feats have {g.shape[-1]}")
 
 # %% ../nbs/08_evaluation.ipynb #4033d3c5
 def _stable_topk(scores:torch.Tensor, # (C, N) scores, at least k finite per row
@@ -164,7 +168,7 @@ def topk_retrieval(query_feats, # (Q, D) query features
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(indices, scores)`, each `(Q, k)` on the CPU, best first; equal scores keep gallery order."
     q = _unit_features(query_feats, "query_feats", dtype, device)
-    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device)
+    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device, multi=True)
     _check_shapes(q, g)
     excluded = _exclusions(exclude, len(q), len(g))
     if k < 1: raise SpnError(f"k must be at least 1, got {k}")
@@ -221,7 +225,7 @@ def cirr_metrics(query_feats, # (Q, D) composed query features
                 ) -> dict[str, float]:
     "CIRR `R@1/5/10/50`, `Rs@1/2/3` and `avg = (R@5 + Rs@1) / 2`, in percent."
     q = _unit_features(query_feats, "query_feats", dtype, device)
-    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device)
+    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device, multi=True)
     _check_shapes(q, g)
     index = _name_index(gallery_names, len(g))
     refs = _rows_of(index, reference_names, "reference", len(q))
@@ -248,7 +252,7 @@ def fashioniq_metrics(query_feats, # (Q, D) composed query features of one categ
     if protocol not in FASHIONIQ_PROTOCOLS: raise SpnError(f"unknown FashionIQ protocol {protocol!r}, use one of {list(FASHIONIQ_PROTOCOLS)}")
     if protocol != "original" and reference_names is None: raise SpnError(f"protocol {protocol!r} needs reference_names")
     q = _unit_features(query_feats, "query_feats", dtype, device)
-    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device)
+    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device, multi=True)
     _check_shapes(q, g)
     names = list(gallery_names)
     _name_index(names, len(g))
@@ -292,7 +296,7 @@ def cirr_submission(query_feats, # (Q, D) composed query features of the test sp
                    ) -> tuple[dict, dict]:
     "The `(recall, recall_subset)` dictionaries the CIRR evaluation server expects."
     q = _unit_features(query_feats, "query_feats", dtype, device)
-    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device)
+    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device, multi=True)
     _check_shapes(q, g)
     names = list(gallery_names)
     index = _name_index(names, len(g))
@@ -429,17 +433,17 @@ def write_circo_submission(path:str|os.PathLike, # the JSON file to write
 
 # %% ../nbs/08_evaluation.ipynb #b7fce031
 def genecis_metrics(query_feats, # (T, D) composed query features, one per template
-                    candidate_feats, # (T, C, D) candidate features, the target at candidate 0
+                    candidate_feats, # (T, C, D) candidate features, or (T, C, K, D) multi-vector ones; the target at candidate 0
                     dtype:torch.dtype=torch.float32 # score precision
                    ) -> dict[str, float]:
     "GeneCIS `R@1`, `R@2`, `R@3` (percent): is the target among the K best candidates?"
     q = _unit_features(query_feats, "query_feats", dtype)
     c = candidate_feats if isinstance(candidate_feats, torch.Tensor) else torch.as_tensor(np.asarray(candidate_feats))
-    if c.ndim != 3 or c.shape[0] != len(q) or c.shape[2] != q.shape[1]:
+    if c.ndim not in (3, 4) or c.shape[0] != len(q) or c.shape[-1] != q.shape[1]:
         raise SpnError(f"candidate_feats must be (T, C, D) = ({len(q)}, C, {q.shape[1]}), got shape {tuple(c.shape)}")
     if len(q) == 0: raise SpnError("there are no templates to evaluate")
-    c = _unit_features(c.reshape(-1, c.shape[2]), "candidate_feats", dtype, q.device).view(c.shape)
-    scores = torch.einsum("td,tcd->tc", q, c)                        # (T, C)
+    c = _unit_features(c.reshape(-1, c.shape[-1]), "candidate_feats", dtype, q.device).view(c.shape)
+    scores = torch.einsum("td,tcd->tc", q, c) if c.ndim == 3 else torch.einsum("td,tckd->tck", q, c).amax(dim=2)   # (T, C)
     ranks = ((scores >= scores[:, :1]).sum(dim=1) - 1).double()     # 0-based, the target after its ties
     return {f"R@{k}": _recall(ranks, k) for k in GENECIS_KS}
 
@@ -467,6 +471,7 @@ import dataclasses
 from tqdm.auto import tqdm
 from .core import autocast, pick_device, pick_precision
 from .data import ImageDataset, Split, Triplet, fashioniq_eval_text, load_dataset, split_image_names
+from .models import squeeze_targets
 
 # %% ../nbs/08_evaluation.ipynb #feec527d
 def query_text(triplet:Triplet, # one query
@@ -482,7 +487,7 @@ def query_text(triplet:Triplet, # one query
 @dataclasses.dataclass
 class SplitFeatures:
     "A split encoded by a model: normalised gallery and query features plus the names the metrics need."
-    gallery:torch.Tensor # (G, D) unit image features, float32 on the CPU
+    gallery:torch.Tensor # (G, D) unit target features, or (G, K, D) for a multi-vector family; float32 on the CPU
     gallery_names:list[str] # G image names, in gallery row order
     queries:torch.Tensor # (Q, D) unit composed query features
     reference_names:list[str] # per query, its reference
@@ -495,27 +500,71 @@ def _workers(n_images:int, workers:int|None) -> int:
     if workers is not None: return workers
     return 0 if n_images < 1024 else min(8, os.cpu_count() or 1)
 
+# %% ../nbs/08_evaluation.ipynb #3982493e
 @torch.no_grad()
-def encode_images(model, # a `CIRModel`
-                  dataset:ImageDataset, # the images, with the model's transform
+def encode_gallery(model, # a `CIRFamily` (put it on the device first)
+                   dataset, # the images (an `ImageDataset`), with the model's transform
+                   batch_size:int=64, # images per forward pass
+                   workers:int|None=None, # data-loader workers (default: automatic)
+                   precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: automatic)
+                   progress:bool=True, # show a progress bar
+                   desc:str="encoding images", # progress-bar label
+                   states:bool=True # also return the image-only reference states (when the model has them)
+                  ) -> tuple[torch.Tensor, torch.Tensor|None]:
+    "Unit targets `(N, D)` (K = 1) or `(N, K, D)` and the reference states `(N, ...)` (or None) of every image, float32 on the CPU."
+    device = model.device; dtype = pick_precision(device, precision)
+    image_only = states and model.caches_reference and not model.state_reads_text
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=_workers(len(dataset), workers),
+                                         pin_memory=device.type == "cuda")
+    targets, refs = [], []
+    for images, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images = images.to(device, non_blocking=True)
+        with autocast(device, dtype): t, s = model.encode_gallery(images) if image_only else (model.encode_targets(images), None)
+        targets.append(t.float().cpu())
+        if s is not None: refs.append(s.float().cpu())
+    if not targets: return torch.zeros(0, model.embed_dim), None
+    return squeeze_targets(torch.cat(targets)), torch.cat(refs) if image_only else None
+
+
+# %% ../nbs/08_evaluation.ipynb #13a09569
+def encode_images(model, # a `CIRFamily`
+                  dataset, # the images (an `ImageDataset`), with the model's transform
                   batch_size:int=64, # images per forward pass
                   workers:int|None=None, # data-loader workers (default: automatic)
                   precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: automatic)
                   progress:bool=True, # show a progress bar
                   desc:str="encoding images" # progress-bar label
                  ) -> torch.Tensor:
-    "Raw image features `(N, D)` of every image of `dataset`, float32 on the CPU."
-    device = model.device; dtype = pick_precision(device, precision)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=_workers(len(dataset), workers),
-                                         pin_memory=device.type == "cuda")
-    out = []
-    for images, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        with autocast(device, dtype): out.append(model.image_features(images.to(device, non_blocking=True)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
+    "Unit targets `(N, D)` (or `(N, K, D)`) of every image of `dataset`, float32 on the CPU."
+    return encode_gallery(model, dataset, batch_size, workers, precision, progress, desc, states=False)[0]
+
+
+# %% ../nbs/08_evaluation.ipynb #27921f1c
+@torch.no_grad()
+def query_features(model, # a `CIRFamily`
+                   refs:torch.Tensor, # (Q,) row of each query's reference in `dataset` (and `states`)
+                   texts:list[str], # Q modification texts
+                   states:torch.Tensor|None, # (N, ...) reference states from `encode_gallery`, or None
+                   dataset, # the images the rows index (reference pixels when there are no states)
+                   batch_size:int=64, # queries per forward pass
+                   precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: automatic)
+                   progress:bool=False, # show a progress bar
+                   desc:str="queries" # progress-bar label
+                  ) -> torch.Tensor:
+    "Unit composed queries `(Q, D)` (float32, CPU): from cached reference states, else from the reference images and texts."
+    device = model.device; dtype = pick_precision(device, precision); out = []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
+        rows, part = refs[start:start + batch_size], texts[start:start + batch_size]
+        with autocast(device, dtype):
+            if states is not None: q = model.state_queries(states[rows].to(device), part)
+            else: q = model.image_queries(torch.stack([dataset[int(r)][0] for r in rows]).to(device), part)
+        out.append(q.float().cpu())
+    return F.normalize(torch.cat(out), dim=-1)
+
 
 # %% ../nbs/08_evaluation.ipynb #8882abc8
 @torch.no_grad()
-def encode_split(model, # a `CIRModel` (put it on the device first)
+def encode_split(model, # a `CIRFamily` (put it on the device first)
                  split:Split, # one split (one FashionIQ category)
                  batch_size:int=64, # images or queries per forward pass
                  workers:int|None=None, # data-loader workers (default: automatic)
@@ -529,20 +578,13 @@ def encode_split(model, # a `CIRModel` (put it on the device first)
     was_training = model.training; model.eval()
     try:
         dataset = ImageDataset.from_split(split, model.image_transform(transform_kind, ratio))
-        raw = encode_images(model, dataset, batch_size, workers, precision, progress,
-                            f"{split.split} {split.category} images")                     # (G, D)
+        gallery, states = encode_gallery(model, dataset, batch_size, workers, precision, progress, f"{split.split} {split.category} images")
         row = {name: i for i, name in enumerate(dataset.names)}
-        device = model.device; dtype = pick_precision(device, precision)
         refs = torch.tensor([row[t.reference] for t in split.triplets])
-        texts = [query_text(t, split.format) for t in split.triplets]
-        queries = []
-        for start in tqdm(range(0, len(texts), batch_size), desc=f"{split.split} {split.category} queries",
-                          disable=not progress, leave=False):
-            stop = start + batch_size
-            with autocast(device, dtype):
-                queries.append(model.encode_queries(raw[refs[start:stop]].to(device), texts[start:stop]).float().cpu())
+        queries = query_features(model, refs, [query_text(t, split.format) for t in split.triplets], states, dataset, batch_size,
+                                 precision, progress, f"{split.split} {split.category} queries")
     finally: model.train(was_training)
-    return SplitFeatures(F.normalize(raw, dim=-1), list(dataset.names), F.normalize(torch.cat(queries), dim=-1),
+    return SplitFeatures(gallery, list(dataset.names), queries,
                          [t.reference for t in split.triplets], [t.target for t in split.triplets],
                          [t.members for t in split.triplets], [t.pairid for t in split.triplets])
 
@@ -718,27 +760,20 @@ def score_predictions(config:ScoreConfig # what to score
 from .core import atomic_write, check_number
 from .benchmarks import GenecisImages, genecis_tasks
 
-@torch.no_grad()
-def _compose(model, refs:torch.Tensor, texts:list[str], batch_size:int, precision:str|None) -> torch.Tensor:
-    "Unit composed queries (Q, D) for raw reference features and texts."
-    device = model.device; dtype = pick_precision(device, precision); out = []
-    for start in range(0, len(texts), batch_size):
-        with autocast(device, dtype): out.append(model.encode_queries(refs[start:start + batch_size].to(device), texts[start:start + batch_size]).float().cpu())
-    return F.normalize(torch.cat(out), dim=-1)
-
 def _circo_features(model, data, batch_size:int, workers:int|None, precision:str|None, progress:bool):
     "(queries, gallery features, gallery names) of a CIRCO split."
     if data.gallery is None: raise SpnError("the CIRCO gallery index is absent: there is nothing to encode (score a ranking file instead)", data.root)
     was_training = model.training; model.eval()
     try:
         names = list(data.gallery)
-        raw = encode_images(model, ImageDataset([data.gallery[n] for n in names], model.image_transform(), names), batch_size, workers, precision, progress, "CIRCO gallery")
+        dataset = ImageDataset([data.gallery[n] for n in names], model.image_transform(), names)
+        gallery, states = encode_gallery(model, dataset, batch_size, workers, precision, progress, "CIRCO gallery")
         row = {n: i for i, n in enumerate(names)}
-        refs = raw[torch.tensor([row[q.reference] for q in data.queries])]
-        return _compose(model, refs, [q.caption for q in data.queries], batch_size, precision), F.normalize(raw, dim=-1), names
+        refs = torch.tensor([row[q.reference] for q in data.queries])
+        return query_features(model, refs, [q.caption for q in data.queries], states, dataset, batch_size, precision), gallery, names
     finally: model.train(was_training)
 
-def evaluate_circo(model, # a `CIRModel`
+def evaluate_circo(model, # a `CIRFamily`
                    root:str|os.PathLike, # CIRCO root with its gallery
                    split:str="val", # the split to score
                    batch_size:int=64, workers:int|None=None, precision:str|None=None, # as `encode_images`
@@ -750,7 +785,7 @@ def evaluate_circo(model, # a `CIRModel`
     return circo_metrics(queries, gallery, names, [q.ground_truths for q in data.queries], [q.target for q in data.queries], [q.aspects for q in data.queries])
 
 @torch.no_grad()
-def evaluate_genecis(model, # a `CIRModel`
+def evaluate_genecis(model, # a `CIRFamily`
                      root:str|os.PathLike, # GeneCIS root
                      batch_size:int=64, workers:int|None=None, precision:str|None=None, # as `encode_images`
                      progress:bool=True) -> dict: # show progress bars
@@ -761,11 +796,12 @@ def evaluate_genecis(model, # a `CIRModel`
     try:
         for name in tasks:
             task = load_genecis(root, name); pictures = task.pictures()
-            raw = encode_images(model, GenecisImages(list(pictures.values()), task.image_dir, model.image_transform()), batch_size, workers, precision, progress, name)
+            images = GenecisImages(list(pictures.values()), task.image_dir, model.image_transform())
+            gallery, states = encode_gallery(model, images, batch_size, workers, precision, progress, name)
             row = {n: i for i, n in enumerate(pictures)}
-            refs = raw[torch.tensor([row[t.reference.name] for t in task.templates])]
-            queries = _compose(model, refs, [t.condition for t in task.templates], batch_size, precision)
-            candidates = raw[torch.tensor([[row[c.name] for c in t.candidates] for t in task.templates])]    # (T, C, D)
+            refs = torch.tensor([row[t.reference.name] for t in task.templates])
+            queries = query_features(model, refs, [t.condition for t in task.templates], states, images, batch_size, precision)
+            candidates = gallery[torch.tensor([[row[c.name] for c in t.candidates] for t in task.templates])]    # (T, C, D) or (T, C, K, D)
             out[name] = genecis_metrics(queries, candidates)
     finally: model.train(was_training)
     return out | {"average R@1": sum(m["R@1"] for m in out.values()) / len(out)}

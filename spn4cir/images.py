@@ -122,11 +122,11 @@ def duplicate_groups(images:dict[str, str|os.PathLike], # unique image name -> f
     return groups
 
 # %% ../nbs/01b_images.ipynb #b84052ba
-def image_fingerprint(model, # a `CIRModel` (or any module with `.backbone.visual` or `.visual`)
+def image_fingerprint(model, # a `CIRFamily` (its `image_side()`), or any module with `.backbone.visual` or `.visual`
                       kind:str="targetpad" # the image transform used with it
                      ) -> str:
     "A key of everything that decides a model's image embeddings: image-tower weights and preprocessing."
-    tower = getattr(getattr(model, "backbone", model), "visual", model)
+    tower = model.image_side() if hasattr(model, "image_side") else getattr(getattr(model, "backbone", model), "visual", model)
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(tower.state_dict().items()):
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())

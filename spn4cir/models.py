@@ -4,10 +4,10 @@
 
 # %% ../nbs/03_models.ipynb #803dcf63
 from __future__ import annotations
-import copy, difflib, json, os, pickle, uuid, warnings
+import abc, copy, difflib, json, os, pickle, uuid, warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import open_clip
 import torch
@@ -21,10 +21,11 @@ import spn4cir
 from .core import SpnError, atomic_save, blocked_globals, read_json, write_json
 
 # %% auto #0
-__all__ = ['TINY_CONFIGS', 'COMBINERS', 'TRAINABLE', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CHECKPOINT_FORMAT', 'register_tiny_configs',
-           'parse_spec', 'backbone_config', 'build_backbone', 'make_tokenizer', 'read_weights', 'load_state_strict',
-           'create_backbone', 'SumCombiner', 'Clip4CirCombiner', 'combiner_from_config', 'CIRModel', 'set_trainable',
-           'save_checkpoint', 'load_checkpoint', 'combiner_from_clip4cir', 'import_clip4cir', 'load_model']
+__all__ = ['TINY_CONFIGS', 'COMBINERS', 'TRAINABLE', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CHECKPOINT_FORMAT', 'FAMILIES',
+           'register_tiny_configs', 'parse_spec', 'backbone_config', 'build_backbone', 'make_tokenizer', 'read_weights',
+           'load_state_strict', 'create_backbone', 'SumCombiner', 'Clip4CirCombiner', 'combiner_from_config',
+           'CIRFamily', 'squeeze_targets', 'CIRModel', 'set_trainable', 'save_checkpoint', 'load_checkpoint',
+           'combiner_from_clip4cir', 'import_clip4cir', 'load_model']
 
 # %% ../nbs/03_models.ipynb #27cfc530
 _TINY_TEXT = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 3}
@@ -266,9 +267,60 @@ def combiner_from_config(config:dict, # `{"type": "sum"}` or `{"type": "clip4cir
     try: return Clip4CirCombiner(**config)
     except TypeError as e: raise SpnError(f"bad clip4cir combiner config {config}: {e}") from None
 
+# %% ../nbs/03_models.ipynb #4474fcd4
+class CIRFamily(abc.ABC):
+    "What every CIR model family supplies; stages, evaluation, visualisation, positives and search use nothing else."
+    family:ClassVar[str] = "" # the checkpoint config's `family`; `load_checkpoint` finds the class in `FAMILIES`
+    target_vectors:ClassVar[int] = 1 # K, unit vectors per target image (scored by their maximum)
+    caches_reference:ClassVar[bool] = True # False: queries read image and text together, no reference state exists
+    state_reads_text:ClassVar[bool] = False # True: the reference state needs the query's text (BLIP-2's fused first pass)
+    trainable_groups:ClassVar[tuple[str, ...]] = () # the names `set_trainable` accepts
+    stage2_groups:ClassVar[tuple[str, ...]] = () # the groups stage 2 trains (the image side stays frozen)
+
+    @abc.abstractmethod
+    def encode_targets(self, images:torch.Tensor) -> torch.Tensor: "Unit target vectors `(N, K, D)` of preprocessed images."
+    @abc.abstractmethod
+    def state_queries(self, state:torch.Tensor, texts) -> torch.Tensor: "Unit queries `(N, D)` from reference states and texts."
+    @abc.abstractmethod
+    def image_side(self) -> nn.Module: "The modules that decide targets and states (fingerprinted by caches, frozen by stage 2)."
+    @abc.abstractmethod
+    def set_trainable(self, *groups:str, temperature:bool=True) -> list[nn.Parameter]: "Train only `groups`; the trainable parameters."
+    @abc.abstractmethod
+    def cir_train(self): "Training mode for CIR fine-tuning (frozen normalisation statistics stay frozen)."
+    @abc.abstractmethod
+    def config(self) -> dict: "The JSON config `from_config` rebuilds the architecture from (`family`, `backbone`, `combiner`)."
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config:dict, source=None) -> CIRFamily: "A model with random weights from `config()`'s dict."
+    @abc.abstractmethod
+    def image_transform(self, kind:str="targetpad", ratio:float=1.25) -> Callable: "PIL image -> preprocessed tensor."
+    @abc.abstractmethod
+    def tokenize(self, texts:list[str]) -> torch.Tensor: "Token ids of texts, for data-loader workers."
+
+    def reference_state(self, images:torch.Tensor, texts=None) -> torch.Tensor:
+        "The cacheable reference state `(N, ...)`; `texts` only when `state_reads_text`."
+        raise SpnError(f"the {self.family} family reads reference images and texts together: it has no reference state")
+    def image_queries(self, images:torch.Tensor, texts) -> torch.Tensor:
+        "Unit queries `(N, D)` from reference images and texts."
+        return self.state_queries(self.reference_state(images, texts if self.state_reads_text else None), texts)
+    def encode_gallery(self, images:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor|None]:
+        "Unit targets `(N, K, D)` and the image-only reference states (None when the state needs texts or does not exist)."
+        image_only = self.caches_reference and not self.state_reads_text
+        return self.encode_targets(images), self.reference_state(images) if image_only else None
+    def freeze_image_side(self) -> list[nn.Parameter]:
+        "Freeze everything but `stage2_groups` (never a temperature); return what stage 2 trains."
+        return self.set_trainable(*self.stage2_groups, temperature=False)
+
+# %% ../nbs/03_models.ipynb #806f9ae1
+def squeeze_targets(targets:torch.Tensor # (N, K, D) target vectors
+                   ) -> torch.Tensor:
+    "`(N, D)` rows when K = 1, else the `(N, K, D)` tensor unchanged."
+    return targets[:, 0] if targets.ndim == 3 and targets.shape[1] == 1 else targets
+
 # %% ../nbs/03_models.ipynb #91f5fa2e
-class CIRModel(nn.Module):
-    "An open_clip backbone plus a combiner: encodes images, texts and (reference, text) queries."
+class CIRModel(nn.Module, CIRFamily):
+    "An open_clip backbone plus a combiner: the `CIRFamily` of single-vector targets and raw reference features."
+    family, target_vectors, trainable_groups, stage2_groups = "open_clip", 1, ("text", "image", "both", "combiner", "all"), ("text", "combiner")
     def __init__(self,
                  backbone:nn.Module, # an open_clip CLIP / CustomTextCLIP
                  info:dict, # `{name, model_cfg, preprocess_cfg, provenance}` from `create_backbone`
@@ -324,6 +376,60 @@ class CIRModel(nn.Module):
         "Normalised queries `(B, D)` for raw reference features and modification texts."
         return self.combine(ref_features.to(self.device), self.text_features(texts))
 
+    def encode_targets(self, images:torch.Tensor) -> torch.Tensor:
+        "Unit targets `(B, 1, D)`."
+        return self.encode_images(images)[:, None]
+
+    def reference_state(self, images:torch.Tensor, texts=None) -> torch.Tensor:
+        "Raw image features `(B, D)`: the combiner's reference input (texts are not needed)."
+        return self.image_features(images)
+
+    def state_queries(self, state:torch.Tensor, texts) -> torch.Tensor:
+        "Unit queries `(B, D)` from raw reference features and texts."
+        return self.encode_queries(state, texts)
+
+    def encode_gallery(self, images:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Unit targets `(B, 1, D)` and raw reference features `(B, D)` from one pass of the image tower."
+        raw = self.image_features(images)
+        return F.normalize(raw, dim=-1)[:, None], raw
+
+    def image_side(self) -> nn.Module: return self.backbone.visual
+
+    def set_trainable(self, *groups:str, # names of `trainable_groups`; their union trains
+                      temperature:bool=True # False keeps CLIP's logit scale (and bias) frozen even under 'all'
+                     ) -> list[nn.Parameter]:
+        "Freeze everything except `groups`; return the parameters left trainable."
+        parts = {"text": {"text"}, "image": {"image"}, "both": {"text", "image"}, "combiner": {"combiner"},
+                 "all": {"text", "image", "combiner", "scale"}}
+        bad = [g for g in groups if g not in parts]
+        if bad or not groups: raise SpnError(f"unknown trainable group {bad[0] if bad else None!r}, use one of {list(self.trainable_groups)}")
+        wanted = set().union(*(parts[g] for g in groups)) - (set() if temperature else {"scale"})
+        chosen = {n for n, _ in self.named_parameters() if _part_of(n) in wanted}
+        if not chosen: raise SpnError(f"nothing to train for {'+'.join(groups)!r}: the {self.combiner.kind} combiner has no parameters")
+        for name, p in self.named_parameters(): p.requires_grad_(name in chosen)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def cir_train(self):
+        "The combiner (and the towers' dropout) in training mode, the backbone's normalisation statistics frozen."
+        self.train(); self.backbone.eval()
+
+    def config(self) -> dict:
+        "`{family, backbone: {name, model_cfg, preprocess_cfg}, combiner}`, what a checkpoint stores."
+        return {"family": self.family, "combiner": self.combiner.config(),
+                "backbone": {"name": self.backbone_name, "model_cfg": self.backbone_cfg, "preprocess_cfg": self.preprocess_cfg}}
+
+    @classmethod
+    def from_config(cls, config:dict, source=None) -> CIRModel:
+        "A model with random weights from `config()`'s dict (provenance too, when the dict has it)."
+        bb = config["backbone"]
+        if not isinstance(bb, dict) or not {"name", "model_cfg"} <= set(bb):
+            raise SpnError(f"{CONFIG_FILE}: 'backbone' needs 'name' and 'model_cfg'", file=source)
+        backbone = build_backbone(bb["model_cfg"], bb.get("preprocess_cfg"))
+        combiner = combiner_from_config(config["combiner"], feature_dim=bb["model_cfg"]["embed_dim"])
+        info = {"name": bb["name"], "model_cfg": bb["model_cfg"], "preprocess_cfg": open_clip.get_model_preprocess_cfg(backbone),
+                "provenance": config.get("provenance") or {}}
+        return cls(backbone, info, combiner)
+
     def image_transform(self, kind:str="targetpad", # 'targetpad' (CLIP4Cir's pad-then-resize) or 'resize'
                         ratio:float=1.25): # target-pad aspect-ratio threshold
         "PIL image -> normalised tensor, using the backbone's image size, mean and std."
@@ -340,7 +446,7 @@ class CIRModel(nn.Module):
         return self
 
 # %% ../nbs/03_models.ipynb #e2c9beb0
-TRAINABLE = ("text", "image", "both", "combiner", "all")
+TRAINABLE = CIRModel.trainable_groups
 
 def _part_of(name:str) -> str:
     "Which part a parameter name of `CIRModel` belongs to: image, text, combiner or scale."
@@ -350,21 +456,16 @@ def _part_of(name:str) -> str:
     if rest.split(".")[0] in ("logit_scale", "logit_bias"): return "scale"
     return "text"
 
-def set_trainable(model:CIRModel, # the model to configure
-                  what:str="text" # one of `TRAINABLE`
+def set_trainable(model:CIRFamily, # the model to configure
+                  what:str="text" # one of the model's `trainable_groups` (`TRAINABLE` for `CIRModel`)
                  ) -> list[nn.Parameter]:
-    "Freeze everything except `what`; return the parameters left trainable."
-    parts = {"text": {"text"}, "image": {"image"}, "both": {"text", "image"}, "combiner": {"combiner"},
-             "all": {"text", "image", "combiner", "scale"}}
-    if what not in parts: raise SpnError(f"unknown trainable group {what!r}, use one of {list(TRAINABLE)}")
-    chosen = {name for name, _ in model.named_parameters() if _part_of(name) in parts[what]}
-    if not chosen: raise SpnError(f"nothing to train for {what!r}: the {model.combiner.kind} combiner has no parameters")
-    for name, p in model.named_parameters(): p.requires_grad_(name in chosen)
-    return [p for p in model.parameters() if p.requires_grad]
+    "Freeze everything except `what`; return the parameters left trainable (`model.set_trainable(what)`)."
+    return model.set_trainable(what)
 
 # %% ../nbs/03_models.ipynb #a1a5e8e9
 CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FORMAT = "config.json", "model.safetensors", 1
 _CONFIG_KEYS = ("format", "backbone", "combiner", "save_id")
+FAMILIES:dict[str, type] = {CIRModel.family: CIRModel}   # `config["family"]` -> the class that rebuilds it
 
 def save_checkpoint(model:CIRModel, # the model to save
                     folder:str|os.PathLike, # the checkpoint folder (created; other files in it are kept)
@@ -375,9 +476,8 @@ def save_checkpoint(model:CIRModel, # the model to save
     save_id = uuid.uuid4().hex
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     model.extra_config = dict(extra_config or model.extra_config)
-    config = {"format": CHECKPOINT_FORMAT, "save_id": save_id, "spn4cir_version": spn4cir.__version__,
-              "backbone": {"name": model.backbone_name, "model_cfg": model.backbone_cfg, "preprocess_cfg": model.preprocess_cfg},
-              "combiner": model.combiner.config(), "provenance": model.provenance, "extra": model.extra_config}
+    config = {"format": CHECKPOINT_FORMAT, "save_id": save_id, "spn4cir_version": spn4cir.__version__, **model.config(),
+              "provenance": model.provenance, "extra": model.extra_config}
     metadata = {"save_id": save_id, "config": json.dumps(config, ensure_ascii=False)}
     atomic_save(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata=metadata))
     write_json(folder / CONFIG_FILE, config)
@@ -423,14 +523,9 @@ def load_checkpoint(folder:str|os.PathLike, # a folder written by `save_checkpoi
     missing = [k for k in _CONFIG_KEYS if k not in config]
     if missing: raise SpnError(f"{CONFIG_FILE} lacks the keys {missing}", file=folder)
     if config["format"] != CHECKPOINT_FORMAT: raise SpnError(f"unsupported checkpoint format {config['format']!r}", file=folder)
-    bb = config["backbone"]
-    if not isinstance(bb, dict) or not {"name", "model_cfg"} <= set(bb):
-        raise SpnError(f"{CONFIG_FILE}: 'backbone' needs 'name' and 'model_cfg'", file=folder)
-    backbone = build_backbone(bb["model_cfg"], bb.get("preprocess_cfg"))
-    combiner = combiner_from_config(config["combiner"], feature_dim=bb["model_cfg"]["embed_dim"])
-    info = {"name": bb["name"], "model_cfg": bb["model_cfg"], "preprocess_cfg": open_clip.get_model_preprocess_cfg(backbone),
-            "provenance": config.get("provenance") or {}}
-    model = CIRModel(backbone, info, combiner)
+    family = config.get("family", CIRModel.family)   # checkpoints older than the family field are open_clip ones
+    if family not in FAMILIES: raise SpnError(f"unknown model family {family!r} (known: {sorted(FAMILIES)})", file=folder)
+    model = FAMILIES[family].from_config(config, folder)
     model.extra_config = config.get("extra") or {}
     load_state_strict(model, read_weights(folder / WEIGHTS_FILE), folder)
     return model.to(device).eval()

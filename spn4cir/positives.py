@@ -491,7 +491,7 @@ def rank_accuracy(features, # (N, D) image embeddings
             "share_inside": float(inside.mean()) if inside.size else 1.0, "ranks": ranks}
 
 # %% ../nbs/05_positives.ipynb #f654713c
-def embed_images(model, # a `CIRModel` (its `image_transform` and `encode_images` are used)
+def embed_images(model, # a `CIRFamily` (its `image_transform` and `encode_targets`; K > 1 target vectors are averaged)
                  images:dict[str, str|os.PathLike], # unique image name -> file
                  cache_dir:str|os.PathLike|None=None, # where to keep (and find) the embeddings; None: no cache
                  kind:str="targetpad", # image transform: 'targetpad' or 'resize'
@@ -527,7 +527,7 @@ def embed_images(model, # a `CIRModel` (its `image_transform` and `encode_images
     try:
         with torch.no_grad(), tqdm(total=len(names), initial=start, desc="embedding images", unit="img", disable=not progress) as bar:
             for pixels, _ in loader:
-                with autocast(device, dtype): features = model.encode_images(pixels.to(device))
+                with autocast(device, dtype): features = model.encode_targets(pixels.to(device)).float().mean(dim=1)   # (B, D); K = 1: the target
                 parts.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
                 bar.update(len(pixels)); since_save += len(pixels)
                 if partial is not None and since_save >= save_every:

@@ -92,11 +92,11 @@ def _encode_part(model, paths:list[Path], batch_size:int, precision:str|None) ->
     loader = torch.utils.data.DataLoader(_Images(paths, transform, transform.size), batch_size=batch_size)
     device = model.device; dtype = pick_precision(device, precision); out, ok = [], []
     for images, good in loader:
-        with autocast(device, dtype): feats = model.image_features(images.to(device)).float().cpu()
-        out.append(F.normalize(feats if feats.ndim == 3 else feats[:, None], dim=-1)); ok += good.tolist()
+        with autocast(device, dtype): out.append(model.encode_targets(images.to(device)).float().cpu())   # (n, K, D) unit
+        ok += good.tolist()
     return torch.cat(out).numpy(), ok
 
-def index_images(model, # a `CIRModel` (or any module with `image_features` and `image_transform`)
+def index_images(model, # a `CIRFamily` (or any module with `encode_targets`, `image_transform` and `device`)
                  spec:str, # how the model is named (kept in the manifest)
                  paths:Sequence[str|os.PathLike], # the image files to index
                  out:str|os.PathLike, # the index folder (created, or appended to)
@@ -191,17 +191,19 @@ class SavedIndex:
         return np.stack([parts[journal[r]["part"]][journal[r]["row"]] for r in rows])
 
 @torch.no_grad()
-def compose_queries(model, # the index's `CIRModel`
+def compose_queries(model, # the index's `CIRFamily`
                     references:Sequence[str|os.PathLike], # reference image files
                     texts:Sequence[str] # modification texts
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(unit composed queries (Q, D), raw reference features)`; a reference that fails to decode is a one-line SpnError."
+                   ) -> tuple[torch.Tensor, torch.Tensor|None]:
+    "`(unit composed queries (Q, D), reference states or None)`; a reference that fails to decode is a one-line SpnError."
     transform = model.image_transform("targetpad", 1.25)
     was_training = model.training; model.eval()
     try:
         images = torch.stack([transform(load_image(r)) for r in references]).to(model.device)
-        raw = model.image_features(images).float()
-        return F.normalize(model.encode_queries(raw, list(texts)).float(), dim=-1).cpu(), raw.cpu()
+        if not model.caches_reference or model.state_reads_text:   # no image-only state to keep for typed texts
+            return F.normalize(model.image_queries(images, list(texts)).float(), dim=-1).cpu(), None
+        state = model.reference_state(images).float()
+        return F.normalize(model.state_queries(state, list(texts)).float(), dim=-1).cpu(), state.cpu()
     finally: model.train(was_training)
 
 # %% ../nbs/13_search.ipynb #4faf0ec7

@@ -22,7 +22,7 @@ from .engine import (SCHEDULES, Plan, RunFiles, TrainJob, check_count, cir_train
                             distributed_run, file_names, lr_factor, open_run, resolved_settings, rng_stream, run_epochs,
                             text_rng, validate_cir)
 from .evaluate import FASHIONIQ_PROTOCOLS
-from .models import TRAINABLE, CIRModel, load_checkpoint, load_model, set_trainable
+from .models import TRAINABLE, CIRFamily, CIRModel, load_checkpoint, load_model, squeeze_targets
 from .images import duplicate_groups
 
 # %% auto #0
@@ -173,14 +173,14 @@ def gather_all(x:torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 def infonce_loss(queries:torch.Tensor, # (b, D) unit queries of this rank
-                 targets:torch.Tensor, # (B, D) unit targets of the whole batch; query i's target is row offset + i
+                 targets:torch.Tensor, # (B, D) unit targets of the whole batch, or (B, K, D) scored by max over K; query i's target is row offset + i
                  tau:float, # temperature
                  groups:torch.Tensor|None=None, # (B,) duplicate group of each target; same-group targets are not negatives
                  offset:int=0 # row of this rank's first target in `targets`
                 ) -> torch.Tensor:
     "Mean cross-entropy of `queries · targetsᵀ / tau` against each query's own target."
     labels = torch.arange(len(queries), device=queries.device) + offset
-    logits = queries @ targets.T / tau                                            # (b, B)
+    logits = (queries @ targets.T if targets.ndim == 2 else torch.einsum("bd,nkd->bnk", queries, targets).amax(dim=2)) / tau   # (b, B)
     if groups is not None:
         same = groups[labels][:, None] == groups[None, :]
         same[torch.arange(len(queries), device=queries.device), labels] = False
@@ -189,8 +189,8 @@ def infonce_loss(queries:torch.Tensor, # (b, D) unit queries of this rank
 
 # %% ../nbs/06_stage1.ipynb #adc7521a
 class QueryTargetNet(nn.Module):
-    "Composed queries and normalised targets of a batch, from a `CIRModel` (the module DDP wraps)."
-    def __init__(self, model:CIRModel):
+    "Composed queries and unit targets of a batch, through the `CIRFamily` interface (the module DDP wraps)."
+    def __init__(self, model:CIRFamily):
         super().__init__(); self.model = model
 
     def forward(self, images:torch.Tensor, # (U, 3, H, W) the batch's unique images
@@ -198,11 +198,13 @@ class QueryTargetNet(nn.Module):
                 ref_index:torch.Tensor, # (b,) row of each reference in `images`
                 target_index:torch.Tensor # (b,) row of each target in `images`
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        image_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.backbone.visual.parameters())
+        m = self.model
+        image_grad = torch.is_grad_enabled() and any(p.requires_grad for p in m.image_side().parameters())
         with torch.set_grad_enabled(image_grad):
-            raw = self.model.image_features(images)                                          # (U, D)
-        queries = self.model.combine(raw[ref_index], self.model.text_features(tokens))      # (b, D) unit
-        return queries, F.normalize(raw[target_index], dim=-1)                               # (b, D) unit
+            targets, states = m.encode_gallery(images)                                       # (U, K, D) unit, (U, ...) or None
+        if states is not None: queries = m.state_queries(states[ref_index], tokens)          # (b, D) unit
+        else: queries = m.image_queries(images[ref_index], tokens)
+        return queries, squeeze_targets(targets[target_index])                               # (b, D) or (b, K, D) unit
 
 def batch_loss(net:nn.Module, # a `QueryTargetNet`, or DDP around one
                batch:dict, # from `TripletBatches`: this rank's shard
@@ -320,10 +322,7 @@ def _stage1_model(config:Stage1Config, state:Path|None, device:torch.device) -> 
         if net.combiner.kind != "sum" and config.train_part not in ("combiner", "all") and net.provenance.get("combiner") == "freshly initialised":
             raise SpnError(f"the {net.combiner.kind} combiner is freshly initialised but train_part={config.train_part!r} leaves it "
                            "frozen; train it (train_part='combiner' or 'all') or use combiner='sum'")
-    params = set_trainable(net, config.train_part)
-    for name in ("logit_scale", "logit_bias"):
-        if getattr(net.backbone, name, None) is not None: getattr(net.backbone, name).requires_grad_(False)
-    return net, [p for p in params if p.requires_grad]
+    return net, net.set_trainable(config.train_part, temperature=False)
 
 def _stage1_job(config:Stage1Config, net:CIRModel, tset:TrainingSet, rank:int, world:int, device:torch.device,
                 progress:bool) -> tuple[_Stage1Job, bool]:

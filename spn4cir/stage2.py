@@ -16,18 +16,18 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .core import Config, SpnError, atomic_save, pick_device, pick_precision, resolve_inside, seed_everything, stable_hash
-from .data import ImageDataset, Split, Triplet, load_dataset, split_image_names
+from .data import ImageDataset, Split, Triplet, load_dataset, load_image, split_image_names
 from .bank import bank_loss, chunk_scores
 from .engine import (Plan, RunFiles, TrainJob, check_count, cir_train_mode, cir_validation, file_names, lr_factor, open_run,
                             resolved_settings, rng_stream, run_epochs, text_rng, validate_cir)
 from .images import IMAGE_SUFFIXES, duplicate_groups, file_stamps, image_fingerprint
-from .models import load_checkpoint, load_model, set_trainable
+from .models import load_checkpoint, load_model, squeeze_targets
 from .stage1 import TrainingSet, check_cir_fields, epoch_order, train_text, training_set
 
 # %% auto #0
 __all__ = ['EXTRA_PREFIX', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'bank_cache_key', 'ImageBank', 'build_banks',
-           'read_extra_negatives', 'train_bank_images', 'freeze_image_side', 'bank_queries', 'score_gaps', 'bank_rows',
-           'Stage2Config', 'train_stage2']
+           'read_extra_negatives', 'train_bank_images', 'freeze_image_side', 'bank_queries', 'step_queries',
+           'score_gaps', 'bank_rows', 'Stage2Config', 'train_stage2']
 
 # %% ../nbs/07_stage2.ipynb #87bfb7b4
 def bank_cache_key(model:torch.nn.Module, # the `CIRModel` whose image tower encodes the bank
@@ -40,47 +40,48 @@ def bank_cache_key(model:torch.nn.Module, # the `CIRModel` whose image tower enc
 # %% ../nbs/07_stage2.ipynb #09bfce3a
 @dataclass
 class ImageBank:
-    "The frozen image side of stage 2: normalised target rows, raw reference rows and the name -> row map."
+    "The frozen image side of stage 2: unit target rows, cached reference states and the name -> row map."
     names:list[str] # every image given, in the order given
     groups:np.ndarray # bank row of each name (de-duplication group ids, dense 0..M-1)
-    target_bank:torch.Tensor # (M, D) normalised image features
-    refer_bank:torch.Tensor # (M, D) raw image features (the combiner's reference input)
+    target_bank:torch.Tensor # (M, D) unit target features, or (M, K, D) for a multi-vector family (scored by max over K)
+    refer_bank:torch.Tensor|None # (M, ...) reference states (`CIRModel`: raw image features); None when the state needs texts or does not exist
     key:str # cache key (see `bank_cache_key`)
     encoded:bool # True when this call encoded the images, False when it read the cache
+    files:list[Path]|None = None # the image file of each bank row (references are read from them when `refer_bank` is None)
 
     def __post_init__(self): self.rows = dict(zip(self.names, self.groups.tolist()))
     def __len__(self) -> int: return self.target_bank.shape[0]
     def __repr__(self):
-        return (f"ImageBank({len(self.names)} images, {len(self)} rows, dim {self.target_bank.shape[1]}, "
+        return (f"ImageBank({len(self.names)} images, {len(self)} rows, dim {self.target_bank.shape[-1]}, "
                 f"{self.target_bank.dtype}, {self.target_bank.device}, {'encoded' if self.encoded else 'from cache'})")
 
     def to(self, device:str|torch.device, dtype:torch.dtype|None=None) -> ImageBank:
-        "The same bank with both tables moved (and cast) once, e.g. to float16 on a GPU."
-        move = lambda t: t.to(device=device, dtype=dtype or t.dtype)
+        "The same bank with its tables moved (and cast) once, e.g. to float16 on a GPU."
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)
         return dataclasses.replace(self, target_bank=move(self.target_bank), refer_bank=move(self.refer_bank))
 
 # %% ../nbs/07_stage2.ipynb #6c91e2b1
 @torch.no_grad()
 def _encode_rows(model, paths:list[Path], names:list[str], transform, batch_size:int, workers:int, progress:bool):
-    "Raw float32 image features `(len(paths), D)` in eval mode, without autocast."
+    "Float32 unit targets `(n, D)` or `(n, K, D)` and image-only reference states (or None), in eval mode, without autocast."
     loader = torch.utils.data.DataLoader(ImageDataset(paths, transform, names), batch_size=batch_size,
                                          num_workers=workers, shuffle=False)
     was_training = model.training
     model.eval()
     try:
-        rows = [model.image_features(images).float().cpu()
-                for images, _ in tqdm(loader, desc="encoding the bank", disable=not progress)]
+        rows = [model.encode_gallery(images.to(model.device)) for images, _ in tqdm(loader, desc="encoding the bank", disable=not progress)]
     finally: model.train(was_training)
-    return torch.cat(rows)
+    states = None if rows[0][1] is None else torch.cat([s.float().cpu() for _, s in rows])
+    return squeeze_targets(torch.cat([t.float().cpu() for t, _ in rows])), states
 
-def _read_cache(file:Path, key:str, n_images:int):
-    "(groups, target_bank, refer_bank) from a cache file, or None when it is missing, unreadable or not this bank's."
+def _read_cache(file:Path, key:str, n_images:int, states:bool):
+    "(groups, target_bank, refer_bank or None) from a cache file, or None when it is missing, unreadable or not this bank's."
     if not file.is_file(): return None
     try: tables = load_file(str(file))
     except (SafetensorError, OSError) as e:
         warnings.warn(f"{file}: unreadable bank cache ({e}); encoding afresh"); return None
     groups, target, refer = (tables.get(k) for k in ("groups", "target_bank", "refer_bank"))
-    if groups is None or target is None or refer is None or len(groups) != n_images or target.shape != refer.shape \
+    if groups is None or target is None or (refer is None) == states or refer is not None and len(refer) != len(target) or len(groups) != n_images \
        or len(groups) and int(groups.max()) + 1 != len(target):
         warnings.warn(f"{file}: bank cache does not match key {key}; encoding afresh"); return None
     return groups.numpy(), target, refer
@@ -93,22 +94,23 @@ def build_banks(model:torch.nn.Module, # the stage-1 `CIRModel`; its image tower
                 workers:int=0, # DataLoader worker processes
                 progress:bool=True # show progress bars
                ) -> ImageBank:
-    "Encode each unique image once into `target_bank` (normalised) and `refer_bank` (raw), or read them from the cache."
+    "Encode each unique image once into `target_bank` (unit targets) and `refer_bank` (reference states, when the model has image-only ones), or read them from the cache."
     if not images: raise SpnError("no images for the bank")
     names, paths = list(images), [Path(p) for p in images.values()]
     key = bank_cache_key(model, images, kind)
     file = None if cache_dir is None else Path(cache_dir) / f"bank-{key}.safetensors"
-    cached = None if file is None else _read_cache(file, key, len(names))
-    if cached is not None: return ImageBank(names, *cached, key=key, encoded=False)
+    states = model.caches_reference and not model.state_reads_text
+    cached = None if file is None else _read_cache(file, key, len(names), states)
+    if cached is not None:
+        return ImageBank(names, *cached, key=key, encoded=False, files=[paths[i] for i in np.unique(cached[0], return_index=True)[1]])
     groups = duplicate_groups(images, cache_dir, progress=progress)
     first = np.unique(groups, return_index=True)[1]                        # the first image of each group encodes its row
-    refer = _encode_rows(model, [paths[i] for i in first], [names[i] for i in first], model.image_transform(kind),
-                         batch_size, workers, progress)
-    target = F.normalize(refer, dim=-1)
+    target, refer = _encode_rows(model, [paths[i] for i in first], [names[i] for i in first], model.image_transform(kind),
+                                 batch_size, workers, progress)
     if file is not None:
-        tables = {"groups": torch.from_numpy(groups), "target_bank": target, "refer_bank": refer}
+        tables = {"groups": torch.from_numpy(groups), "target_bank": target} | ({} if refer is None else {"refer_bank": refer})
         atomic_save(file, lambda tmp: save_file(tables, tmp, metadata={"key": key}))
-    return ImageBank(names, groups, target, refer, key=key, encoded=True)
+    return ImageBank(names, groups, target, refer, key=key, encoded=True, files=[paths[i] for i in first])
 
 # %% ../nbs/07_stage2.ipynb #5eec74d3
 EXTRA_PREFIX = "extra:"
@@ -154,25 +156,38 @@ def train_bank_images(splits:dict[str, Split], # the training split(s) from `dat
     return {name: path for name, path in images.items() if name not in missing}
 
 # %% ../nbs/07_stage2.ipynb #81c207de
-def freeze_image_side(model:torch.nn.Module # a `CIRModel`
+def freeze_image_side(model:torch.nn.Module # a `CIRFamily`
                      ) -> list[torch.nn.Parameter]:
-    "Make only the text tower and the combiner's parameters trainable; return them."
-    set_trainable(model, "text")
-    for p in model.combiner.parameters(): p.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
+    "Make only the model's `stage2_groups` trainable (`CIRModel`: the text tower and the combiner); return them."
+    return model.freeze_image_side()
 
-def bank_queries(model:torch.nn.Module, # a `CIRModel`
-                 refer_bank:torch.Tensor, # (M, D) raw reference features, on the model's device
+def bank_queries(model:torch.nn.Module, # a `CIRFamily`
+                 refer_bank:torch.Tensor, # (M, ...) reference states (`CIRModel`: raw features), on the model's device
                  ref_rows:torch.Tensor, # (B,) bank rows of the references
                  texts:list[str]|torch.Tensor # B modification texts (or token ids)
                 ) -> torch.Tensor:
-    "Unit queries `(B, D)` from reference rows of the bank and texts: only the text tower and the combiner run."
-    return model.combine(refer_bank[ref_rows.to(refer_bank.device)].float(), model.text_features(texts).float())
+    "Unit queries `(B, D)` from reference rows of the bank and texts: only the trainable query side runs."
+    return model.state_queries(refer_bank[ref_rows.to(refer_bank.device)].float(), texts)
+
+# %% ../nbs/07_stage2.ipynb #bbd625ad
+def step_queries(model:torch.nn.Module, # a `CIRFamily`
+                 bank:ImageBank, # the frozen bank (its `refer_bank`, or its `files` when it has no states)
+                 ref_rows:torch.Tensor, # (B,) bank rows of the references
+                 texts:list[str]|torch.Tensor, # B modification texts
+                 transform=None # the model's image transform (needed when the bank has no reference states)
+                ) -> torch.Tensor:
+    "Stage 2's unit queries `(B, D)`: from cached states, else from the reference images (a text-reading state's frozen pass under `no_grad`)."
+    if bank.refer_bank is not None: return bank_queries(model, bank.refer_bank, ref_rows, texts)
+    if bank.files is None or transform is None: raise SpnError("the bank caches no reference states: step_queries needs its files and a transform")
+    pixels = torch.stack([transform(load_image(bank.files[r])) for r in ref_rows.tolist()]).to(model.device)
+    if not model.caches_reference: return model.image_queries(pixels, texts)    # image and text read together, every step
+    with torch.no_grad(): state = model.reference_state(pixels, texts)            # frozen: the first pass over image and text
+    return model.state_queries(state, texts)
 
 # %% ../nbs/07_stage2.ipynb #c9261dd2
 @torch.no_grad()
 def score_gaps(queries:torch.Tensor, # (B, D) unit queries
-               bank:torch.Tensor, # (M, D) unit candidate rows
+               bank:torch.Tensor, # (M, D) unit candidate rows, or (M, K, D) scored by max over K
                targets:torch.Tensor, # (B,) the positive row of each query
                k:int=1, # how many of the hardest negatives
                exclude:torch.Tensor|None=None, # (B,) a row per query that is no candidate either (e.g. its reference), or None
@@ -190,7 +205,8 @@ def score_gaps(queries:torch.Tensor, # (B, D) unit queries
             inside = (rows >= start) & (rows < start + scores.shape[1])
             scores[inside, (rows - start)[inside]] = -math.inf
         best = torch.cat([best, scores], dim=1).topk(k, dim=1).values
-    positive = (queries * bank[targets].float()).sum(dim=1, keepdim=True)
+    rows = bank[targets].float()                                                    # (B, D) or (B, K, D)
+    positive = (queries * rows).sum(dim=1, keepdim=True) if rows.ndim == 2 else torch.einsum("bd,bkd->bk", queries, rows).amax(dim=1, keepdim=True)
     return positive - best
 
 # %% ../nbs/07_stage2.ipynb #caaa668f
@@ -261,7 +277,7 @@ class _Stage2Job(TrainJob):
     def __init__(self, model, bank:ImageBank, tset:TrainingSet, ref_rows:torch.Tensor, target_rows:torch.Tensor,
                  config:Stage2Config, device:torch.device):
         self.model, self.bank, self.tset, self.config, self.device = model, bank, tset, config, device
-        self.ref_rows, self.target_rows = ref_rows, target_rows
+        self.ref_rows, self.target_rows, self.transform = ref_rows, target_rows, model.image_transform(config.kind)
 
     def batches(self, epoch:int) -> list[tuple[torch.Tensor, list[str]]]:
         "Full batches of the epoch's order, each with its texts; the epoch's negatives stream is started here."
@@ -274,7 +290,7 @@ class _Stage2Job(TrainJob):
 
     def step(self, batch) -> torch.Tensor:
         idx, texts = batch
-        queries = bank_queries(self.model, self.bank.refer_bank, self.ref_rows[idx], texts)
+        queries = step_queries(self.model, self.bank, self.ref_rows[idx], texts, self.transform)
         return bank_loss(queries, self.bank.target_bank, self.target_rows[idx], self.config.tau, neg_num=self.config.neg_num,
                          chunk_size=self.config.chunk_size, generator=self.negatives,
                          exclude=None if self.config.reference_negatives else self.ref_rows[idx])

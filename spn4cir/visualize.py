@@ -19,10 +19,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Patch
 from matplotlib.ticker import MaxNLocator
 
-from .core import (Config, SpnError, atomic_save, autocast, check_choices, check_number, pick_device, pick_precision,
+from .core import (Config, SpnError, atomic_save, check_choices, check_number, pick_device,
                           read_jsonl, write_settings)
 from .data import ImageDataset, Split, load_dataset, load_image
-from .evaluate import encode_images, query_text
+from .evaluate import encode_gallery, query_features, query_text
 
 # %% auto #0
 __all__ = ['METADATA_FILE', 'PROJECTIONS', 'GREEN', 'LOSS_KEYS', 'HEADLINE_METRICS', 'save_figure', 'SplitEmbeddings',
@@ -160,17 +160,15 @@ def embed_split(model, # a `CIRModel` (e.g. from `models.load_model`)
     was_training = model.training
     model.eval()
     try:
-        raw = encode_images(model, ImageDataset(list(first_name), transform, list(first_name.values())), batch_size, workers, precision, progress)
-        features = raw[[where[p] for p in paths]]                                         # (G, D) raw
-        reference_rows = torch.tensor([q[2] for q in queries])
-        references, texts = features[reference_rows], [q[0] for q in queries]
-        dtype = pick_precision(model.device, precision)
-        composed = []
-        for start in range(0, len(texts), batch_size):
-            with autocast(model.device, dtype):
-                composed.append(model.encode_queries(references[start:start + batch_size].to(model.device), texts[start:start + batch_size]).float().cpu())
+        dataset = ImageDataset(list(first_name), transform, list(first_name.values()))
+        targets, states = encode_gallery(model, dataset, batch_size, workers, precision, progress)
+        if targets.ndim != 2: raise SpnError(f"embedding plots need one vector per image; the {model.family} family gives {targets.shape[1]}")
+        image_rows = torch.tensor([where[p] for p in paths])                           # gallery row -> encoded image
+        reference_rows, texts = torch.tensor([q[2] for q in queries]), [q[0] for q in queries]
+        composed = query_features(model, image_rows[reference_rows], texts, states, dataset, batch_size, precision)
+        references = None if states is None else states[image_rows[reference_rows]]    # kept for typing new texts
     finally: model.train(was_training)
-    return SplitEmbeddings(torch.cat(composed), features, [q[3] for q in queries], reference_rows, names, texts, paths=paths,
+    return SplitEmbeddings(composed, targets[image_rows], [q[3] for q in queries], reference_rows, names, texts, paths=paths,
                            reference_features=references, query_groups=[q[1] for q in queries] if grouped else None,
                            gallery_groups=gallery_groups if grouped else None, exclude_reference=format != "fashioniq", label=label)
 
@@ -507,14 +505,14 @@ def plot_score_distributions(stages, # SplitEmbeddings, a list of them, or {labe
 
 # %% ../nbs/09_visualization.ipynb #ab9a00ff
 @torch.no_grad()
-def compose_query(model, # a `CIRModel`
-                  reference_features:torch.Tensor, # (B, D) raw reference image features
+def compose_query(model, # a `CIRFamily`
+                  reference_features:torch.Tensor, # (B, ...) reference states (`CIRModel`: raw image features)
                   texts:list[str] # B modification texts
                  ) -> torch.Tensor:
     "Unit composed queries `(B, D)` (float32, CPU) for raw reference features and texts, in eval mode."
     was_training = model.training
     model.eval()
-    try: return F.normalize(model.encode_queries(reference_features.to(model.device), list(texts)).float().cpu(), dim=-1)
+    try: return F.normalize(model.state_queries(reference_features.to(model.device), list(texts)).float().cpu(), dim=-1)
     finally: model.train(was_training)
 
 def _results_html(emb:SplitEmbeddings, entry:dict) -> str:
