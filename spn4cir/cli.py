@@ -12,7 +12,15 @@ from fastcore.docments import docments
 
 from .core import Config, SpnError, output_lock, pick_device, read_settings
 from .bench import BenchConfig, run_bench
+from .caption import CaptionConfig, caption_dataset
+from .evaluate import EvalConfig, ScoreConfig, SubmitConfig, evaluate, score_predictions, submit
 from .pipeline import DemoConfig, run_demo
+from .positives import PositivesConfig, generate_positives
+from .pretrain import PretrainConfig, pretrain_clip
+from .search import IndexConfig, SearchConfig, build_index, search
+from .stage1 import Stage1Config, train_stage1
+from .stage2 import Stage2Config, train_stage2
+from .synthetic import SynthConfig, ValidateConfig, validate_dataset, write_shapes_cir
 from .visualize import VizConfig, visualize_model
 
 # %% auto #0
@@ -43,7 +51,7 @@ def flag_kwargs(kind # a field's type, e.g. `int | None` or `Literal['a', 'b']`
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is typing.Literal: return {"choices": list(args), "type": type(args[0])}
     if kind is bool: return {"action": argparse.BooleanOptionalAction}
-    if origin is list: return {"nargs": "+", "type": args[0] if args else str}
+    if origin is list: return {"nargs": "+", "action": "extend", "type": args[0] if args else str}
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis: return {"nargs": "+", "type": args[0]}
     if origin is tuple: return {"nargs": len(args), "type": args[0]}
     if kind is dict or origin is dict: return {"type": _json_object, "metavar": "JSON"}
@@ -91,15 +99,17 @@ def add_config_flags(parser:argparse.ArgumentParser, # the (sub)command's parser
                      configs:dict, # {key: Config subclass}; several when `label` picks one of them
                      label:str|None=None # what picks the config, e.g. 'stage'
                     ) -> dict[str, dict]:
-    "Add one flag per field of `configs` (their union) to `parser`, default `SUPPRESS`; returns {field: {key: Field}}."
+    "Add one flag per field of `configs` (their union; `-x` too for a field `x`) to `parser`, default `SUPPRESS`; returns {field: {key: Field}}."
     union: dict[str, dict] = {}
     for key, cls in configs.items():
         for f in config_fields(cls): union.setdefault(f.name, {})[key] = f
     for name, fields in union.items():
-        kinds = {str(f.kind) for f in fields.values()}
-        if len(kinds) > 1: raise TypeError(f"field {name!r} has different types in {label} {list(fields)}: {sorted(kinds)}")
-        parser.add_argument(flag_name(name), dest=name, default=argparse.SUPPRESS, help=_help(fields, label, len(configs)),
-                            **flag_kwargs(next(iter(fields.values())).kind))
+        forms = [flag_kwargs(f.kind) for f in fields.values()]
+        if any(form != forms[0] for form in forms):
+            raise TypeError(f"field {name!r} has different types in {label} {list(fields)}: {sorted({str(f.kind) for f in fields.values()})}")
+        short = [f"-{name}"] if len(name) == 1 else []   # a one-letter field also has its one-dash form: -k 10
+        parser.add_argument(flag_name(name), *short, dest=name, default=argparse.SUPPRESS, help=_help(fields, label, len(configs)),
+                            **forms[0])
     return union
 
 # %% ../nbs/11_cli.ipynb #fd848729
@@ -120,6 +130,7 @@ class Command(NamedTuple):
     run:Callable # the job function: config -> JSON-able summary
     help:str # one line for `spn4cir --help`
     output:str|None = "out" # the field naming what the job writes (locked while it runs); None: nothing
+    drop:tuple = () # keys of the job's summary left out of the printed JSON (they are in its output)
 
 class Choice(NamedTuple):
     "A subcommand whose `--FLAG VALUE` picks one of several jobs, e.g. `train --stage 1|2`."
@@ -161,188 +172,23 @@ def resolve(args:argparse.Namespace # parsed arguments of a generated subcommand
         if stray: raise SpnError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to {entry.flag} {args._choice}")
     return command, make_config(command.config, given, args._config_file)
 
-# %% ../nbs/11_cli.ipynb #444bfaa5
-def _command(subparsers, name:str, help:str, run) -> argparse.ArgumentParser:
-    "Add subcommand `name`, run by `run(args)`."
-    parser = subparsers.add_parser(name, help=help, description=help, formatter_class=_formatter)
-    parser.set_defaults(func=run)
-    return parser
-
-def _data_args(parser, split:str|None="train", formats=("fashioniq", "cirr", "jsonl")):
-    "The `--data DIR --format F [--split S]` arguments every dataset command takes."
-    parser.add_argument("--data", required=True, help="dataset folder (official FashionIQ / CIRR layout, or jsonl)")
-    parser.add_argument("--format", required=True, choices=formats, help="annotation format")
-    if split is not None: parser.add_argument("--split", default=split, help="which split")
-
-# %% ../nbs/11_cli.ipynb #1da161a5
-def _add_synth(sub):
-    p = _command(sub, "synth", "write the Shapes-CIR benchmark in the FashionIQ or CIRR layout", _run_synth)
-    p.add_argument("--out", required=True, help="dataset folder to create")
-    p.add_argument("--format", default="cirr", choices=["fashioniq", "cirr"], help="annotation layout")
-    p.add_argument("--seed", type=int, default=0, help="everything follows from it")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--preset", default="default", choices=["default", "quick"], help="size preset (quick is about 4x smaller)")
-    for flag, what in [("train-triplets", "human training triplets"), ("unlabeled", "train images in no triplet"),
-                       ("val", "validation queries"), ("test", "test queries"), ("pretrain", "pretraining image-caption pairs")]:
-        p.add_argument(f"--n-{flag}", type=int, default=None, help=f"{what} (default: from the preset)")
-    p.add_argument("--overwrite", action="store_true", help="replace a Shapes-CIR dataset of another configuration")
-
-def _run_synth(args):
-    from spn4cir.synthetic import write_shapes_cir
-    summary = write_shapes_cir(args.out, args.format, seed=args.seed, image_size=args.image_size, preset=args.preset,
-                               n_train_triplets=args.n_train_triplets, n_unlabeled=args.n_unlabeled, n_val=args.n_val,
-                               n_test=args.n_test, n_pretrain=args.n_pretrain, overwrite=args.overwrite)
-    return summary
-
-# %% ../nbs/11_cli.ipynb #191e236e
-def _add_validate(sub):
-    p = _command(sub, "validate", "check a dataset folder and print a JSON summary", _run_validate)
-    _data_args(p, split=None)
-    p.add_argument("--split", action="append", default=None, help="split to check (repeatable; default: every split found)")
-
-def _run_validate(args):
-    from spn4cir.synthetic import validate_dataset
-    return validate_dataset(args.data, args.format, args.split)
-
-# %% ../nbs/11_cli.ipynb #8e7e4b18
-def _add_caption(sub):
-    p = _command(sub, "caption", "caption a split's images into a resumable captions.jsonl", _run_caption)
-    _data_args(p, formats=("fashioniq", "cirr", "jsonl", "folder"))
-    p.add_argument("--captioner", required=True, choices=["metadata", "clip-vocab", "hf"], help="captioning backend")
-    p.add_argument("--out", required=True, help="captions.jsonl to write (resumed when it exists)")
-    p.add_argument("--model", default=None, help="hf: hub id or folder; clip-vocab: checkpoint folder or NAME[:PRETRAINED]")
-    p.add_argument("--shard", default=None, help="I/N: caption the I-th of N shards (0-based)")
-    p.add_argument("--captions-from", default=None, help="metadata: source captions.jsonl (default DATA/oracle_captions.jsonl)")
-    p.add_argument("--vocab", default=None, help="clip-vocab: vocabulary JSON (default DATA/vocab.json)")
-    p.add_argument("--prompt", default=None, help="hf: prompt template with optional {category} and {k}")
-    p.add_argument("--max-words", type=int, default=None, help="hf: word limit k (default 5 FashionIQ, 10 otherwise)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per captioner call")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unloadable images instead of stopping")
-    p.add_argument("--seed", type=int, default=0, help="seed of the metadata noise")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
-
-def _run_caption(args):
-    from spn4cir.caption import CaptionConfig, caption_dataset
-    return caption_dataset(CaptionConfig(args.data, args.format, args.captioner, args.out, split=args.split, model=args.model,
-                                         shard=args.shard, captions_from=args.captions_from, vocab=args.vocab, prompt=args.prompt,
-                                         max_words=args.max_words, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                                         on_error="skip" if args.skip_bad_images else "raise"))
-
-# %% ../nbs/11_cli.ipynb #7856f6f4
-def _add_positives(sub):
-    p = _command(sub, "positives", "generate extra (reference, text, target) triplets from captions", _run_positives)
-    _data_args(p)
-    p.add_argument("--captions", required=True, help="captions.jsonl from `spn4cir caption`")
-    p.add_argument("--model", default=None, help="checkpoint folder or NAME[:PRETRAINED] for image embeddings")
-    p.add_argument("--window", default=None, help="rank window A:B (integers) or pool fractions (e.g. 0.2:0.5)")
-    p.add_argument("--k", type=int, default=1, help="targets per reference")
-    p.add_argument("--sampler", default="exact", choices=["exact", "approx", "uniform"], help="how targets are drawn")
-    p.add_argument("--refer-only", action="store_true", help="only images that are references in human triplets")
-    p.add_argument("--max-triplets", type=int, default=None, help="keep a random K triplets")
-    p.add_argument("--templates", nargs="+", default=None, help="template names (t0 t1 t2) or patterns with {0} and {1}")
-    p.add_argument("--out", required=True, help="extra-triplets file (FashionIQ: may contain {category})")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
-
-def _run_positives(args):
-    from spn4cir.positives import PositivesConfig, generate_positives
-    return generate_positives(PositivesConfig(args.data, args.format, args.captions, args.out, model=args.model, window=args.window,
-                                              k=args.k, sampler=args.sampler, refer_only=args.refer_only, max_triplets=args.max_triplets,
-                                              templates=args.templates, seed=args.seed, split=args.split, device=args.device))
-
-# %% ../nbs/11_cli.ipynb #1858ff84
-def _device_args(p):
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: bf16/fp16 on CUDA, fp32 on CPU)")
-
-def _add_pretrain(sub):
-    p = _command(sub, "pretrain", "CLIP-pretrain a small open_clip model on image-caption pairs", _run_pretrain)
-    p.add_argument("--data", required=True, help="folder the caption file's image paths are relative to")
-    p.add_argument("--captions", default=None, help="JSONL of {image, caption} (default DATA/pretrain_captions.jsonl)")
-    p.add_argument("--out", required=True, help="checkpoint folder to write (resumed when it holds the same run)")
-    p.add_argument("--model", default="spn-tiny-rn", help="open_clip config name (spn-tiny-rn, spn-tiny-vit, RN50, ...), NAME:PRETRAINED or a checkpoint folder")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the pairs")
-    p.add_argument("--batch-size", type=int, default=128, help="pairs per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, split and order")
-    _device_args(p)
-
-def _run_pretrain(args):
-    from spn4cir.pretrain import PretrainConfig, pretrain_clip
-    history = pretrain_clip(PretrainConfig(args.data, args.out, captions=args.captions, model=args.model, epochs=args.epochs,
-                                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                                           precision=args.precision))
-    return {"out": args.out, "init": history.get("init"), "last_epoch": history["epochs"][-1], "seconds": history["seconds"]}
-
-# %% ../nbs/11_cli.ipynb #db07f90b
-def _add_train(sub):
-    p = _command(sub, "train", "stage 1 (in-batch InfoNCE) or stage 2 (static-bank InfoNCE) training", _run_train)
-    p.add_argument("--stage", type=int, required=True, choices=[1, 2], help="which stage")
-    _data_args(p, split=None)
-    p.add_argument("--model", required=True, help="checkpoint folder or open_clip NAME[:PRETRAINED]")
-    p.add_argument("--out", required=True, help="run folder: best checkpoint, history, curve, resume state")
-    p.add_argument("--extra", default=None, help="generated triplets (the dataset's train schema)")
-    p.add_argument("--extra-ratio", type=float, default=None, help="at most this many generated per human triplet each epoch")
-    p.add_argument("--no-human", action="store_true", help="train on generated triplets alone (zero-shot setting)")
-    p.add_argument("--epochs", type=int, default=None, help="default: 10 (stage 1), 3 (stage 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (stage 1), 256 (stage 2)")
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-6 (stage 1), 2e-5 (stage 2)")
-    p.add_argument("--tau", type=float, default=None, help="temperature; default: 0.01 (stage 1), 0.02 (stage 2)")
-    p.add_argument("--train-part", default="both", choices=["text", "image", "both", "combiner", "all"], help="stage 1: what trains")
-    p.add_argument("--combiner", default=None, choices=["sum", "clip4cir"], help="stage 1: replace the model's combiner")
-    p.add_argument("--accum", type=int, default=1, help="stage 1: batches per optimizer step")
-    p.add_argument("--neg-num", type=int, default=None, help="stage 2: random negatives per query instead of the whole bank")
-    p.add_argument("--extra-negatives", default=None, help="stage 2: folder or list file of unlabeled images, bank negatives only")
-    p.add_argument("--protocol", default="original", choices=["original", "no-reference", "val-triplets"], help="FashionIQ validation protocol")
-    p.add_argument("--resume", action="store_true", help="continue the run found in --out")
-    p.add_argument("--seed", type=int, default=0, help="everything random")
-    _device_args(p)
-
-def _run_train(args):
-    common = dict(extra=args.extra, extra_ratio=args.extra_ratio, no_human=args.no_human, resume=args.resume, seed=args.seed,
-                  device=args.device, precision=args.precision, protocol=args.protocol)
-    given = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, tau=args.tau).items() if v is not None}
-    if args.stage == 1:
-        from spn4cir.stage1 import Stage1Config, train_stage1
-        summary = train_stage1(Stage1Config(args.data, args.format, args.model, args.out, train_part=args.train_part, combiner=args.combiner,
-                                            accum=args.accum, **common, **given))
-    else:
-        from spn4cir.stage2 import Stage2Config, train_stage2
-        summary = train_stage2(Stage2Config(args.data, args.format, args.model, args.out, neg_num=args.neg_num,
-                                            extra_negatives=args.extra_negatives, **common, **given))
-    return {k: v for k, v in summary.items() if k != "history"}  # the history is in OUT, one line per epoch
-
-# %% ../nbs/11_cli.ipynb #cdfbb333
-def _add_eval(sub):
-    p = _command(sub, "eval", "score a model on a split and write metrics.json", _run_eval)
-    _data_args(p, split="val")
-    p.add_argument("--model", required=True, help="checkpoint folder or open_clip NAME[:PRETRAINED]")
-    p.add_argument("--protocol", default="original", choices=["original", "no-reference", "val-triplets"], help="FashionIQ protocol")
-    p.add_argument("--out", default=None, help="metrics.json to write")
-    _device_args(p)
-
-def _run_eval(args):
-    from spn4cir.evaluate import evaluate_model
-    return evaluate_model(args.model, args.data, args.format, split=args.split, protocol=args.protocol,
-                          device=args.device, precision=args.precision, out=args.out)
-
-def _add_submit(sub):
-    p = _command(sub, "submit", "write the CIRR test-server files (recall and recall_subset)", _run_submit)
-    p.add_argument("--data", required=True, help="CIRR dataset folder")
-    p.add_argument("--model", required=True, help="checkpoint folder or open_clip NAME[:PRETRAINED]")
-    p.add_argument("--out", required=True, help="folder for the two JSON files")
-    p.add_argument("--split", default="test1", help="the CIRR split to rank")
-    _device_args(p)
-
-def _run_submit(args):
-    from spn4cir.evaluate import submit_cirr
-    recall, subset = submit_cirr(args.model, args.data, args.out, split=args.split, device=args.device, precision=args.precision)
-    return {"recall": recall, "recall_subset": subset}
-
 # %% ../nbs/11_cli.ipynb #ff91c29f
 COMMANDS:dict[str, Command|Choice] = {
-    "viz": Command(VizConfig, visualize_model, "write embedding-space, retrieval and score plots as PNGs"),
     "demo": Command(DemoConfig, run_demo, "run the SPN ablation end to end on Shapes-CIR (offline, CPU)"),
+    "synth": Command(SynthConfig, write_shapes_cir, "write the Shapes-CIR benchmark in the FashionIQ, CIRR, CIRCO or GeneCIS layout"),
+    "validate": Command(ValidateConfig, validate_dataset, "check a dataset folder and print a JSON summary", output=None),
+    "pretrain": Command(PretrainConfig, pretrain_clip, "CLIP-pretrain a small open_clip model on image-caption pairs", drop=("step_loss",)),
+    "caption": Command(CaptionConfig, caption_dataset, "caption a split's images into a resumable captions.jsonl"),
+    "positives": Command(PositivesConfig, generate_positives, "generate extra (reference, text, target) triplets from captions"),
+    "train": Choice("stage", {1: Command(Stage1Config, train_stage1, "in-batch InfoNCE", drop=("history",)),
+                              2: Command(Stage2Config, train_stage2, "static-bank InfoNCE", drop=("history",))},
+                    "stage 1 (in-batch InfoNCE) or stage 2 (static-bank InfoNCE) training"),
+    "eval": Command(EvalConfig, evaluate, "score a model on one or several benchmarks (--data FORMAT=ROOT ...) and print one table"),
+    "score": Command(ScoreConfig, score_predictions, "score a ranking file of any codebase in the benchmark's submission format"),
+    "submit": Command(SubmitConfig, submit, "write the CIRR or CIRCO test-server files of a model"),
+    "index": Command(IndexConfig, build_index, "encode a folder of images (or a split) into a faiss index"),
+    "search": Command(SearchConfig, search, "search an index with a reference image and a modification text"),
+    "viz": Command(VizConfig, visualize_model, "write embedding-space, retrieval and score plots as PNGs"),
     "bench": Command(BenchConfig, run_bench, "measure the speed and memory claims, as ratios from one run"),
 }
 
@@ -351,19 +197,14 @@ class _Parser(argparse.ArgumentParser):
     "An argument parser whose usage errors are one line and exit code 2."
     def error(self, message): self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-_HAND_WRITTEN = {"synth": _add_synth, "validate": _add_validate, "caption": _add_caption, "positives": _add_positives,
-                 "pretrain": _add_pretrain, "train": _add_train, "eval": _add_eval, "submit": _add_submit}
-
 def build_parser(commands:dict|None=None # the command table (default: `COMMANDS`)
                 ) -> argparse.ArgumentParser:
-    "The `spn4cir` argument parser: one subcommand per table entry, then the hand-written ones not in the table."
+    "The `spn4cir` argument parser: one subcommand per table entry."
     commands = COMMANDS if commands is None else commands
     parser = _Parser(prog="spn4cir", formatter_class=_formatter,
                      description="Composed image retrieval with scaled positives and negatives (SPN4CIR).")
     sub = parser.add_subparsers(dest="_command", required=True, metavar="COMMAND")
     for name, entry in commands.items(): add_command(sub, name, entry)
-    for name, add in _HAND_WRITTEN.items():
-        if name not in commands: add(sub)
     return parser
 
 # %% ../nbs/11_cli.ipynb #a1e730c1
@@ -398,10 +239,12 @@ def error_line(e:BaseException, # what a job raised
 # %% ../nbs/11_cli.ipynb #8dcb4dde
 def _job(args:argparse.Namespace) -> tuple[Callable, Any, Any]:
     "What `main` runs for `args`: the call, the output it writes (locked) and the device it asks for."
-    if hasattr(args, "func"): return (lambda: args.func(args)), getattr(args, "out", None), getattr(args, "device", None)
     command, config = resolve(args)
+    def run():
+        summary = command.run(config)
+        return {k: v for k, v in summary.items() if k not in command.drop} if isinstance(summary, dict) else summary
     out = getattr(config, command.output) if command.output else None
-    return (lambda: command.run(config)), out, getattr(config, "device", None)
+    return run, out, getattr(config, "device", None)
 
 def main(argv:list[str]|None=None, # arguments (default: sys.argv[1:])
          commands:dict|None=None # the command table (default: `COMMANDS`)

@@ -295,6 +295,7 @@ def search(config:SearchConfig # what to search
     if config.out is not None:
         outs = [Path(config.out)] if len(queries) == 1 else [Path(config.out).with_name(f"{Path(config.out).stem}-{i}.png") for i in range(len(queries))]
         for i, path in enumerate(outs): draw_strip(saved, composed[i], refs[i], queries[i], rows[i][rows[i] >= 0], path)
+        write_settings(config, config.out, output_is_file=True)
     if config.queries is None: return found[0]
     return [{"image": q["image"], "text": q["text"], "results": f} for q, f in zip(queries, found)]
 

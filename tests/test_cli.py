@@ -33,11 +33,16 @@ def shapes(tmp_path_factory):
     assert summary["reused"] is False
     return root
 
-def test_pipeline_end_to_end(shapes, tmp_path):
+@pytest.fixture(scope="module")
+def pretrained(shapes):
+    "A one-epoch pretraining checkpoint of the tiny model on `shapes`, through the command line: (folder, printed summary)."
+    clip = shapes.parent / "clip"
+    return clip, run_cli("pretrain", "--data", shapes, "--out", clip, "--epochs", 1, "--batch-size", 32)
+
+def test_pipeline_end_to_end(shapes, pretrained, tmp_path):
     "pretrain -> caption -> positives -> stage 1 -> stage 2 -> eval -> submit, all from the command line."
-    clip = tmp_path / "clip"
-    pre = run_cli("pretrain", "--data", shapes, "--out", clip, "--epochs", 1, "--batch-size", 32)
-    assert (clip / "config.json").is_file() and pre["last_epoch"]["epoch"] == 1
+    clip, pre = pretrained
+    assert (clip / "config.json").is_file() and pre["epochs"][-1]["epoch"] == 1 and "step_loss" not in pre
     caps = run_cli("caption", "--data", shapes, "--format", "cirr", "--captioner", "clip-vocab", "--model", clip,
                    "--out", tmp_path / "captions.jsonl")
     n_captions = len((tmp_path / "captions.jsonl").read_text().splitlines())
@@ -51,15 +56,15 @@ def test_pipeline_end_to_end(shapes, tmp_path):
                  "--epochs", 1, "--batch-size", 16, "--lr", 1e-4, "--tau", 0.05)
     assert s2["best_epoch"] in (0, 1)
     metrics = run_cli("eval", "--data", shapes, "--format", "cirr", "--model", tmp_path / "s2", "--split", "test1",
-                      "--out", tmp_path / "metrics.json")
+                      "--out", tmp_path / "metrics.json")["benchmarks"]["cirr"]["metrics"]
     assert set(metrics) == {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "avg"}
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"cirr": metrics}
     assert abs(metrics["avg"] - (metrics["R@5"] + metrics["Rs@1"]) / 2) < 1e-9
     plots = run_cli("viz", "--data", shapes, "--format", "cirr", "--model", tmp_path / "s2", "--compare", tmp_path / "s1",
                     "--out", tmp_path / "plots", "--history", tmp_path / "s1" / "stage1_history.jsonl")
     assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots.values()) and len(plots) >= 4
-    files = run_cli("submit", "--data", shapes, "--model", tmp_path / "s2", "--out", tmp_path / "submit")
-    recall = json.loads(Path(files["recall"]).read_text())
+    files = run_cli("submit", "--data", shapes, "--model", tmp_path / "s2", "--out", tmp_path / "submit")["files"]
+    recall = json.loads(next(Path(f) for f in files if f.endswith("_recall.json")).read_text())
     assert recall["version"] == "rc2" and recall["metric"] == "recall" and len(recall) - 2 == 24
 
 def test_bad_dataset_exits_2_with_the_file_named(shapes, tmp_path):
@@ -68,6 +73,62 @@ def test_bad_dataset_exits_2_with_the_file_named(shapes, tmp_path):
     (broken / "captions" / "cap.rc2.val.json").write_text("[{\"pairid\": 1}]")
     out = run_cli("validate", "--data", broken, "--format", "cirr", "--split", "val", ok=False)
     assert out.returncode == 2 and "cap.rc2.val.json" in out.stderr and "record" in out.stderr, out.stderr
+
+# ---------------------------------------------------------------- every benchmark, rankings of any codebase, search (issue 15)
+
+def test_circo_and_genecis_layouts_validate_score_and_eval_in_one_table(shapes, pretrained, tmp_path):
+    "synth --format circo|genecis, validate both, score a CIRCO ranking file, and one eval over cirr + circo + genecis."
+    circo, genecis = tmp_path / "circo", tmp_path / "genecis"
+    run_cli("synth", "--out", circo, "--format", "circo", "--preset", "quick", "--n-unlabeled", 16, "--n-val", 6, "--n-test", 6)
+    run_cli("synth", "--out", genecis, "--format", "genecis", "--preset", "quick", "--n-val", 6)
+    checked = run_cli("validate", "--data", circo, "--format", "circo")
+    assert checked["val"]["all"]["queries"] == 6 and checked["val"]["all"]["gallery"] == "present", checked
+    checked = run_cli("validate", "--data", genecis, "--format", "genecis")
+    assert checked["missing_tasks"] == [] and len(checked) == 2, checked
+    assert {t["queries"] for t in next(v for k, v in checked.items() if k != "missing_tasks").values()} == {6}, checked
+    queries = json.loads((circo / "annotations" / "val.json").read_text())
+    gallery = [i["id"] for i in json.loads((circo / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json").read_text())["images"]]
+    ranks = {str(q["id"]): q["gt_img_ids"] + [i for i in gallery if i not in q["gt_img_ids"]] for q in queries}   # every truth first
+    (tmp_path / "perfect.json").write_text(json.dumps(ranks))
+    scored = run_cli("score", "--format", "circo", "--data", circo, "--split", "val", "--predictions", tmp_path / "perfect.json")
+    assert scored["mAP@10"] == scored["R@50"] == 100.0, scored
+    del ranks[str(queries[0]["id"])]; (tmp_path / "short.json").write_text(json.dumps(ranks))
+    refused = run_cli("score", "--format", "circo", "--data", circo, "--split", "val", "--predictions", tmp_path / "short.json", ok=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and f"no ranking for query id {queries[0]['id']} " in refused.stderr, refused.stderr
+    table = run_cli("eval", "--model", pretrained[0], "--data", f"cirr={shapes}", "--data", f"circo={circo}", "--data", f"genecis={genecis}")
+    assert list(table["benchmarks"]) == ["cirr", "circo", "genecis"]
+    rows = table["table"].splitlines()
+    assert rows[0].startswith("| benchmark |") and [r.split("|")[1].strip() for r in rows[2:]] == ["cirr", "circo", "genecis"], rows
+
+def test_index_and_search_the_shapes_test_gallery(shapes, pretrained, tmp_path):
+    "index a split's images, search it with a reference image and a text: JSON results, best first, and a PNG strip."
+    index = tmp_path / "index"
+    built = run_cli("index", "--model", pretrained[0], "--data", shapes, "--format", "cirr", "--split", "test1", "--out", index)
+    assert built["images"] == built["added"] == 72 and built["index"] == "exact" and (index / "settings.json").is_file(), built
+    reference = sorted((shapes / "test1").iterdir())[0]
+    found = run_cli("search", "--index", index, "--image", reference, "--text", "make it red", "-k", 3, "--out", tmp_path / "strip.png")
+    assert len(found) == 3 and all(Path(r["image"]).parent == reference.parent for r in found), found
+    assert [r["score"] for r in found] == sorted((r["score"] for r in found), reverse=True)
+    assert (tmp_path / "strip.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "strip.settings.json").is_file()
+
+# ---------------------------------------------------------------- bad input through the console script (issue 13 item 7)
+
+def test_caption_on_an_empty_split_exits_2_with_one_line(tmp_path):
+    root = tmp_path / "empty"
+    (root / "captions").mkdir(parents=True); (root / "image_splits").mkdir()
+    (root / "captions" / "cap.rc2.train.json").write_text("[]"); (root / "image_splits" / "split.rc2.train.json").write_text("{}")
+    out = run_cli("caption", "--data", root, "--format", "cirr", "--captioner", "metadata", "--out", tmp_path / "c.jsonl", ok=False)
+    assert out.returncode == 2 and out.stderr == f"error: {root}: the 'train' split lists no images to caption\n", out.stderr
+    assert not (tmp_path / "c.jsonl").exists()
+
+def test_train_refuses_options_that_do_not_apply(tmp_path):
+    "train --stage 1 --neg-num 5 and --protocol on CIRR: one line, exit 2, nothing written."
+    stage = ["train", "--data", tmp_path, "--format", "cirr", "--model", "spn-tiny-rn", "--out", tmp_path / "run"]
+    out = run_cli(*stage, "--stage", 1, "--neg-num", 5, ok=False)
+    assert out.returncode == 2 and out.stderr == "error: --neg-num does not apply to stage 1\n", out.stderr
+    out = run_cli(*stage, "--stage", 2, "--protocol", "no-reference", ok=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "protocol 'no-reference'" in out.stderr and "cirr" in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
 
 # ---------------------------------------------------------------- a second run on one output, OS errors (issue 13)
 
