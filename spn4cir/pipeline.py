@@ -125,23 +125,6 @@ def plot_ablation(rows:list[dict], # report.json's rows
 # %% ../nbs/10_pipeline.ipynb #71890a6d
 def _row_slug(name:str) -> str: return {"zero-shot": "zero-shot", "baseline": "baseline", "+N": "N", "+P": "P", "SPN (+P+N)": "SPN"}[name]
 
-def _train_row(name:str, stage1:bool, positives:bool, stage2:bool, out:Path, data:Path, format:str, settings:dict,
-               pretrained:Path, extra:Path, seed:int, device, precision) -> Path:
-    "Train one row (if it trains) and return its model folder."
-    from spn4cir.stage1 import Stage1Config, train_stage1
-    from spn4cir.stage2 import Stage2Config, train_stage2
-    run = out / "runs" / _row_slug(name)
-    common = dict(seed=seed, device=device, precision=precision, resume=True)
-    if not stage1: return pretrained
-    options = dict(settings["stage2" if stage2 else "stage1"])
-    if positives: options["extra"] = extra
-    else: options.pop("extra_ratio")
-    if stage2:   # stage 2 starts from the stage-1 row with the same positives
-        train_stage2(Stage2Config(data, format, out / "runs" / _row_slug("+P" if positives else "baseline"), run, **options, **common),
-                     progress=False)
-    else: train_stage1(Stage1Config(data, format, pretrained, run, **options, **common), progress=False)
-    return run
-
 def _history_files(out:Path) -> dict[str, Path]:
     "Each trained row's metrics history, by row name."
     found = {}
@@ -170,67 +153,118 @@ class DemoConfig(Config):
         demo_settings(self.quick, self.overrides)   # an unknown section or key is refused before anything runs
 
 # %% ../nbs/10_pipeline.ipynb #157148d0
-def run_demo(config:DemoConfig|None=None, # the demo's settings (None: the defaults)
-             log=None # a print-like function for progress lines (default: print to stderr)
-            ) -> dict:
-    "Run the SPN ablation on Shapes-CIR end to end and write report.json, report.md and plots into `out`."
-    from spn4cir.synthetic import SPLITS, write_shapes_cir
+@dataclasses.dataclass
+class _DemoRun:
+    "One demo run: its settings and where its parts live inside `out`."
+    config:DemoConfig # what the user asked for
+    out:Path # the demo folder (absolute)
+    settings:dict # `demo_settings` of the config
+    @property
+    def data(self) -> Path: return self.out / "data"
+    @property
+    def pretrained(self) -> Path: return self.out / "pretrained"
+    @property
+    def captions(self) -> Path: return self.out / "captions.jsonl"
+    @property
+    def extra(self) -> Path: return self.out / "positives.json"
+
+def _prepare(run:_DemoRun, log) -> dict:
+    "The steps every row depends on: data, pretraining, captions, positives (each run once, see `run_step`)."
+    from spn4cir.synthetic import write_shapes_cir
     from spn4cir.pretrain import PretrainConfig, pretrain_clip
     from spn4cir.caption import CaptionConfig, caption_dataset, slot_accuracy
     from spn4cir.positives import PositivesConfig, generate_positives
-    from spn4cir.evaluate import evaluate_model, headline_score
-    config = config or DemoConfig()
-    out, quick, seed, format, device, precision = (getattr(config, k) for k in ("out", "quick", "seed", "format", "device", "precision"))
-    log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
-    out = Path(out).absolute(); out.mkdir(parents=True, exist_ok=True)
-    write_settings(config, out)
-    settings = demo_settings(quick, config.overrides)
-    data, pretrained, captions, extra = out / "data", out / "pretrained", out / "captions.jsonl", out / "positives.json"
-    test_split = SPLITS[format][-1]
-    base = {"seed": seed, "format": format}
-    started = time.perf_counter()
-    seed_everything(seed)
-    steps = {}
-    steps["data"] = run_step(out, "data", base | settings["data"],
-                             lambda: write_shapes_cir(data, format, seed=seed, **settings["data"], progress=False), log, [data])
-    steps["pretrain"] = run_step(out, "pretrain", base | settings["data"] | settings["pretrain"],
-                                 lambda: {k: v for k, v in pretrain_clip(PretrainConfig(data, pretrained, **settings["pretrain"], seed=seed,
-                                                                         device=device, precision=precision), progress=False).items() if k != "step_loss"},
-                                 log, [pretrained])
-    caption_opts = dict(settings["caption"]); captioner = caption_opts.pop("captioner")
+    c, s, steps = run.config, run.settings, {}
+    base = {"seed": c.seed, "format": c.format}
+    steps["data"] = run_step(run.out, "data", base | s["data"],
+                             lambda: write_shapes_cir(run.data, c.format, seed=c.seed, **s["data"], progress=False), log, [run.data])
+    steps["pretrain"] = run_step(run.out, "pretrain", base | s["data"] | s["pretrain"],
+                                 lambda: {k: v for k, v in pretrain_clip(PretrainConfig(run.data, run.pretrained, **s["pretrain"], seed=c.seed,
+                                          device=c.device, precision=c.precision), progress=False).items() if k != "step_loss"},
+                                 log, [run.pretrained])
+    caption_opts = dict(s["caption"]); captioner = caption_opts.pop("captioner")
     def caption():
-        summary = caption_dataset(CaptionConfig(data, format, captioner, captions, model=str(pretrained), **caption_opts, device=device), progress=False)
-        return summary | {"slot_accuracy": slot_accuracy(captions, data / "metadata.jsonl")}
-    steps["caption"] = run_step(out, "caption", steps["pretrain"]["settings"] | {"caption": settings["caption"]}, caption, log, [captions])
-    steps["positives"] = run_step(out, "positives", steps["caption"]["settings"] | {"positives": settings["positives"]},
-                                  lambda: generate_positives(PositivesConfig(data, format, captions, extra, model=str(pretrained), **settings["positives"],
-                                                                             seed=seed, device=device), progress=False), log, [extra])
-    rows = []
+        summary = caption_dataset(CaptionConfig(run.data, c.format, captioner, run.captions, model=str(run.pretrained), **caption_opts,
+                                                device=c.device), progress=False)
+        return summary | {"slot_accuracy": slot_accuracy(run.captions, run.data / "metadata.jsonl")}
+    steps["caption"] = run_step(run.out, "caption", steps["pretrain"]["settings"] | {"caption": s["caption"]}, caption, log, [run.captions])
+    steps["positives"] = run_step(run.out, "positives", steps["caption"]["settings"] | {"positives": s["positives"]},
+                                  lambda: generate_positives(PositivesConfig(run.data, c.format, run.captions, run.extra, model=str(run.pretrained),
+                                                                             **s["positives"], seed=c.seed, device=c.device), progress=False),
+                                  log, [run.extra])
+    return steps
+
+def _train_row(run:_DemoRun, name:str, stage1:bool, positives:bool, stage2:bool) -> Path:
+    "Train one row (if it trains) and return its model folder."
+    from spn4cir.stage1 import Stage1Config, train_stage1
+    from spn4cir.stage2 import Stage2Config, train_stage2
+    c, folder = run.config, run.out / "runs" / _row_slug(name)
+    common = dict(seed=c.seed, device=c.device, precision=c.precision, resume=True)
+    if not stage1: return run.pretrained
+    options = dict(run.settings["stage2" if stage2 else "stage1"])
+    if positives: options["extra"] = run.extra
+    else: options.pop("extra_ratio")
+    if stage2:   # stage 2 starts from the stage-1 row with the same positives
+        start = run.out / "runs" / _row_slug("+P" if positives else "baseline")
+        train_stage2(Stage2Config(run.data, c.format, start, folder, **options, **common), progress=False)
+    else: train_stage1(Stage1Config(run.data, c.format, run.pretrained, folder, **options, **common), progress=False)
+    return folder
+
+def _ablation_rows(run:_DemoRun, steps:dict, log) -> list[dict]:
+    "Train and test every row of `DEMO_ROWS` on the test split (each row run once, see `run_step`)."
+    from spn4cir.synthetic import SPLITS
+    from spn4cir.evaluate import evaluate_model, headline_score
+    c, rows = run.config, []
     for name, stage1, positives, stage2 in DEMO_ROWS:
         depends = steps["positives"]["settings"] if positives else steps["pretrain"]["settings"]
-        row_settings = depends | {"stage1": settings["stage1"] if stage1 else None, "stage2": settings["stage2"] if stage2 else None,
-                                  "positives": positives}
+        row_settings = depends | {"stage1": run.settings["stage1"] if stage1 else None,
+                                  "stage2": run.settings["stage2"] if stage2 else None, "positives": positives}
         def train_and_test():
-            model = _train_row(name, stage1, positives, stage2, out, data, format, settings, pretrained, extra, seed, device, precision)
-            return evaluate_model(str(model), data, format, split=test_split, device=device, precision=precision,
-                                  out=out / "runs" / _row_slug(name) / "metrics.json", progress=False)
-        step = run_step(out, f"row-{_row_slug(name)}", row_settings, train_and_test, log, [out / "runs" / _row_slug(name)] if stage1 else [])
+            model = _train_row(run, name, stage1, positives, stage2)
+            return evaluate_model(str(model), run.data, c.format, split=SPLITS[c.format][-1], device=c.device, precision=c.precision,
+                                  out=run.out / "runs" / _row_slug(name) / "metrics.json", progress=False)
+        step = run_step(run.out, f"row-{_row_slug(name)}", row_settings, train_and_test, log,
+                        [run.out / "runs" / _row_slug(name)] if stage1 else [])
         rows.append({"name": name, "stage1": stage1, "positives": positives, "stage2": stage2,
                      "metrics": step["result"], "seconds": step["seconds"]})
         log(f"{name}: {headline_score(step['result']):.2f}")
-    report = {"rows": rows, "format": format, "seed": seed, "quick": quick, "split": test_split, "settings": settings,
+    return rows
+
+# %% ../nbs/10_pipeline.ipynb #17a930fe
+def _write_report(run:_DemoRun, steps:dict, rows:list[dict], started:float, log) -> dict:
+    "report.json, report.md and the plots of a finished run; returns the report."
+    from spn4cir.synthetic import SPLITS
+    c, out, test_split = run.config, run.out, SPLITS[run.config.format][-1]
+    report = {"rows": rows, "format": c.format, "seed": c.seed, "quick": c.quick, "split": test_split, "settings": run.settings,
               "steps": {k: {"seconds": v["seconds"]} for k, v in steps.items()},
               "data": {k: steps["data"]["result"].get(k) for k in ("splits", "images", "seconds") if k in steps["data"]["result"]},
               "caption_slot_accuracy": steps["caption"]["result"].get("slot_accuracy"),
               "positives": {k: steps["positives"]["result"].get(k) for k in ("triplets", "templates", "window", "rank_check")}}
-    paths = _write_plots(out, rows, format, data, test_split, device, log) if config.plots else {}
+    paths = _write_plots(out, rows, c.format, run.data, test_split, c.device, log) if c.plots else {}
     report["plots"] = {k: str(Path(v).relative_to(out)) for k, v in paths.items()}
     report["seconds"] = round(sum(v["seconds"] for v in steps.values()) + sum(r["seconds"] for r in rows), 1)   # what the results cost
     report["call_seconds"] = round(time.perf_counter() - started, 1)                                            # this call (reused steps are free)
     write_json(out / "report.json", report)
     with atomic_write(out / "report.md", "w") as f: f.write(_report_markdown(report))
-    log("\n" + report_table(rows, format) + f"\n\nreport: {out / 'report.md'}\nrows and metrics: {out / 'report.json'}\n"
+    log("\n" + report_table(rows, c.format) + f"\n\nreport: {out / 'report.md'}\nrows and metrics: {out / 'report.json'}\n"
         + "".join(f"plot: {out / p}\n" for p in report["plots"].values()))
+    return report
+
+def run_demo(config:DemoConfig|None=None, # the demo's settings (None: the defaults)
+             log=None # a print-like function for progress lines (default: print to stderr)
+            ) -> dict:
+    "Run the SPN ablation on Shapes-CIR end to end and write report.json, report.md and plots into `out`."
+    from spn4cir.evaluate import headline_score
+    config = config or DemoConfig()
+    log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
+    out = Path(config.out).absolute(); out.mkdir(parents=True, exist_ok=True)
+    write_settings(config, out)
+    run = _DemoRun(config, out, demo_settings(config.quick, config.overrides))
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    steps = _prepare(run, log)
+    rows = _ablation_rows(run, steps, log)
+    report = _write_report(run, steps, rows, started, log)
     return {"out": str(out), "report": str(out / "report.json"), "rows": {r["name"]: headline_score(r["metrics"]) for r in rows},
             "seconds": report["seconds"], "call_seconds": report["call_seconds"]}
 
