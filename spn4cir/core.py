@@ -14,8 +14,8 @@ import torch
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'SpnError', 'seed_everything', 'pick_device', 'pick_precision', 'autocast', 'atomic_write',
            'atomic_save', 'read_json', 'write_json', 'read_jsonl', 'append_jsonl', 'write_jsonl', 'blocked_globals',
-           'resolve_inside', 'stable_hash', 'Config', 'settings_path', 'write_settings', 'read_settings',
-           'check_number', 'check_choices', 'lock_path', 'output_lock']
+           'resolve_inside', 'stable_hash', 'Config', 'check_choices', 'settings_path', 'write_settings',
+           'read_settings', 'check_number', 'check_count', 'lock_path', 'output_lock']
 
 # %% ../nbs/00_core.ipynb #95ce2f0e
 class SpnError(ValueError):
@@ -217,10 +217,10 @@ class Config:
     "Base of every job's settings dataclass: `check` on creation, JSON settings out and back."
     job:ClassVar[str] = "job" # the job's name, written into settings.json
 
-    def __post_init__(self): self.check()
+    def __post_init__(self): check_choices(self); self.check()   # choices of `Literal` fields, then the job's own checks
 
     def check(self):
-        "Raise `SpnError` naming the field when a value is out of range (subclasses extend it)."
+        "Raise `SpnError` naming the field when a value is out of range (subclasses extend it; `Literal` choices are checked already)."
 
     def settings(self) -> dict:
         "The fields as JSON values, in declaration order."
@@ -241,6 +241,17 @@ class Config:
         values = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}
         try: return cls(**values)
         except TypeError as e: raise SpnError(f"incomplete settings for {cls.job!r}: {e}", source) from None
+
+# %% ../nbs/00_core.ipynb #fa60e1f7
+def check_choices(config:Config): # the settings
+    "Raise `SpnError` naming the field when a `typing.Literal` field holds a value outside its choices."
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        kind, value = hints[f.name], getattr(config, f.name)
+        args = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        choices = [c for a in args if typing.get_origin(a) is typing.Literal for c in typing.get_args(a)]
+        if not choices or value in choices or (value is None and type(None) in args): continue
+        raise SpnError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 # %% ../nbs/00_core.ipynb #8ead767a
 SETTINGS_FILE = "settings.json"
@@ -284,16 +295,16 @@ def check_number(config:Config, # the settings
         bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
         raise SpnError(f"{name} must be a finite number{bound}, got {value!r}")
 
-# %% ../nbs/00_core.ipynb #fa60e1f7
-def check_choices(config:Config): # the settings
-    "Raise `SpnError` naming the field when a `typing.Literal` field holds a value outside its choices."
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        kind, value = hints[f.name], getattr(config, f.name)
-        args = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
-        choices = [c for a in args if typing.get_origin(a) is typing.Literal for c in typing.get_args(a)]
-        if not choices or value in choices or (value is None and type(None) in args): continue
-        raise SpnError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+# %% ../nbs/00_core.ipynb #0fb27e6e
+def check_count(config:Config, # the settings
+                name:str, # the field
+                low:int=1, # the smallest allowed value
+                optional:bool=False): # True: None is allowed
+    "Raise `SpnError` unless `config.<name>` is an integer >= `low`."
+    value = getattr(config, name)
+    if value is None and optional: return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SpnError(f"{name} must be an integer >= {low}, got {value!r}")
 
 # %% ../nbs/00_core.ipynb #f450ba12
 def lock_path(out:str|os.PathLike # a job's output, file or folder

@@ -20,10 +20,10 @@ from .models import CIRModel, load_checkpoint, save_checkpoint
 
 # %% auto #0
 __all__ = ['OPTIMIZER_FILE', 'STATE_FILE', 'SCHEDULES', 'stream_seed', 'rng_stream', 'text_rng', 'resolved_settings',
-           'check_resume', 'check_count', 'RunFiles', 'file_names', 'save_train_state', 'find_train_state',
-           'read_train_state', 'load_train_state', 'open_run', 'distributed', 'distributed_run', 'ddp_wrap',
-           'lr_factor', 'validate_cir', 'cir_validation', 'cir_train_mode', 'TrainJob', 'stage_record', 'Plan',
-           'train_epoch', 'draw_curve', 'run_epochs']
+           'check_resume', 'RunFiles', 'file_names', 'save_train_state', 'find_train_state', 'read_train_state',
+           'load_train_state', 'open_run', 'distributed', 'distributed_run', 'ddp_wrap', 'lr_factor', 'validate_cir',
+           'cir_validation', 'cir_train_mode', 'TrainJob', 'stage_record', 'Plan', 'train_epoch', 'draw_curve',
+           'run_epochs']
 
 # %% ../nbs/03a_engine.ipynb #ea9e4f82
 def stream_seed(seed:int, # the run's seed
@@ -71,17 +71,6 @@ def check_resume(saved:dict, # the settings the run was started with
     if changed:
         raise SpnError(f"holds a {job} run with other settings {changed} (saved, asked); "
                        "resume with the same settings or use another --out", out)
-
-# %% ../nbs/03a_engine.ipynb #0e2da281
-def check_count(config:Config, # the settings
-                name:str, # the field
-                low:int=1, # the smallest allowed value
-                optional:bool=False): # True: None is allowed
-    "Raise `SpnError` unless `config.<name>` is an integer >= `low`."
-    value = getattr(config, name)
-    if value is None and optional: return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SpnError(f"{name} must be an integer >= {low}, got {value!r}")
 
 # %% ../nbs/03a_engine.ipynb #372bf73f
 @dataclasses.dataclass

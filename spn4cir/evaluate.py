@@ -895,7 +895,6 @@ class SubmitConfig(Config):
     job:ClassVar[str] = "submit"
 
     def check(self):
-        if self.format not in ("cirr", "circo"): raise SpnError(f"format must be cirr or circo, got {self.format!r}")
         check_number(self, "batch_size", 1)
 
 def submit(config:SubmitConfig, # what to rank

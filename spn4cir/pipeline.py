@@ -149,7 +149,6 @@ class DemoConfig(Config):
     job:ClassVar[str] = "demo"
 
     def check(self):
-        check_choices(self)
         demo_settings(self.quick, self.overrides)   # an unknown section or key is refused before anything runs
 
 # %% ../nbs/10_pipeline.ipynb #157148d0

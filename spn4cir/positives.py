@@ -22,10 +22,10 @@ from .evaluate import target_ranks
 from .models import load_model
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'FORMAT_TEMPLATES', 'REMOVAL_TEMPLATE', 'TEXT_CHOICES', 'SAMPLERS', 'POOLS', 'Window', 'parse_window',
-           'excluded_rows', 'sample_exact', 'sample_approx', 'sample_uniform', 'sampled_ranks', 'rank_accuracy',
-           'embed_images', 'parse_templates', 'token_counter', 'clean_caption', 'caption_difference', 'text_options',
-           'template_choice', 'compose_texts', 'positive_triplets', 'PositivesConfig', 'generate_positives']
+__all__ = ['TEMPLATES', 'FORMAT_TEMPLATES', 'REMOVAL_TEMPLATE', 'Window', 'parse_window', 'excluded_rows', 'sample_exact',
+           'sample_approx', 'sample_uniform', 'sampled_ranks', 'rank_accuracy', 'embed_images', 'parse_templates',
+           'token_counter', 'clean_caption', 'caption_difference', 'text_options', 'template_choice', 'compose_texts',
+           'positive_triplets', 'PositivesConfig', 'generate_positives']
 
 # %% ../nbs/05_positives.ipynb #5a9e9748
 _RANK = re.compile(r"\d+")
@@ -545,7 +545,6 @@ def embed_images(model, # a `CIRFamily` (its `image_transform` and `encode_targe
 TEMPLATES = {"t0": "{1} instead of {0}", "t1": "Unlike {0}, I want {1}", "t2": "{1}", "t3": "{3} instead of {2}"}
 FORMAT_TEMPLATES = {"fashioniq": ("t2",), "cirr": ("t0", "t1"), "jsonl": ("t0", "t1")}
 REMOVAL_TEMPLATE = "{1}, not {2}"   # t3 when the target caption only drops words of the reference
-TEXT_CHOICES = ("per-epoch", "fixed")
 
 def parse_templates(templates:str|Sequence[str]|None=None, # names ('t0'-'t3') or patterns of {0}, {1} (captions), {2}, {3} (their differing words); None: the format's
                     format:str="cirr" # decides the default: FashionIQ t2, CIRR and jsonl t0 or t1
@@ -666,9 +665,6 @@ def positive_triplets(pairs:Sequence[tuple[str, str]], # (reference name, target
     return out
 
 # %% ../nbs/05_positives.ipynb #9aca11b4
-SAMPLERS = ("exact", "approx", "uniform")
-POOLS = ("split", "triplets")
-
 @dataclass
 class PositivesConfig(Config):
     "Settings of `generate_positives` (the `spn4cir positives` job)."
@@ -701,8 +697,6 @@ class PositivesConfig(Config):
     job:ClassVar[str] = "positives"
 
     def check(self):
-        for name, choices in (("format", FORMATS), ("sampler", SAMPLERS), ("text_choice", TEXT_CHOICES), ("pool", POOLS)):
-            if getattr(self, name) not in choices: raise SpnError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.sampler != "uniform":
             if self.window is None: raise SpnError(f"the {self.sampler} sampler needs a window such as 10000:20000 or 0.2:0.5")
             if self.model is None: raise SpnError(f"the {self.sampler} sampler needs a model to embed the images")

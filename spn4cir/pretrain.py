@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .core import Config, SpnError, check_number, pick_device, pick_precision, read_jsonl, resolve_inside, seed_everything
+from .core import Config, SpnError, check_count, check_number, pick_device, pick_precision, read_jsonl, resolve_inside, seed_everything
 from .data import load_image
-from .engine import (Plan, RunFiles, TrainJob, check_count, lr_factor, open_run, resolved_settings, rng_stream,
+from .engine import (Plan, RunFiles, TrainJob, lr_factor, open_run, resolved_settings, rng_stream,
                             run_epochs)
 from .models import CIRModel, load_checkpoint, load_model, set_trainable
 

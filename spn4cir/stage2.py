@@ -15,10 +15,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .core import Config, SpnError, atomic_save, pick_device, pick_precision, resolve_inside, seed_everything, stable_hash
+from .core import Config, SpnError, atomic_save, check_count, pick_device, pick_precision, resolve_inside, seed_everything, stable_hash
 from .data import ImageDataset, Split, Triplet, load_dataset, load_image, split_image_names
 from .bank import bank_loss, chunk_scores
-from .engine import (Plan, RunFiles, TrainJob, check_count, cir_train_mode, cir_validation, file_names, lr_factor, open_run,
+from .engine import (Plan, RunFiles, TrainJob, cir_train_mode, cir_validation, file_names, lr_factor, open_run,
                             resolved_settings, rng_stream, run_epochs, text_rng, validate_cir)
 from .images import IMAGE_SUFFIXES, duplicate_groups, file_stamps, image_fingerprint
 from .models import load_checkpoint, load_model, squeeze_targets
@@ -262,7 +262,6 @@ class Stage2Config(Config):
     def check(self):
         check_cir_fields(self); check_count(self, "batch_size"); check_count(self, "chunk_size")
         check_count(self, "neg_num", optional=True)
-        if self.pool not in ("split", "triplets"): raise SpnError(f"pool must be 'split' or 'triplets', got {self.pool!r}")
 
     def changeable(self) -> tuple[str, ...]:
         "Settings a resumed run may change (the learning rate is constant, so the epochs may grow)."

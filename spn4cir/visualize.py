@@ -658,7 +658,6 @@ class VizConfig(Config):
     job:ClassVar[str] = "viz"
 
     def check(self):
-        check_choices(self)
         for name in ("n_queries", "k", "batch_size"): check_number(self, name, 1)
         check_number(self, "max_queries", 1, optional=True); check_number(self, "workers", 0, optional=True)
 

@@ -250,7 +250,7 @@ def test_caption_dataset_on_shapes_cir(tmp_path):
 
 def test_entry_point_errors(tmp_path):
     settings = lambda captioner, **kw: CaptionConfig(tmp_path, "folder", captioner, tmp_path / "c.jsonl", **kw)
-    with pytest.raises(SpnError, match="unknown captioner"): make_captioner(settings("gpt"))
+    with pytest.raises(SpnError, match="captioner must be one of"): make_captioner(settings("gpt"))
     with pytest.raises(SpnError, match="needs a model"): make_captioner(settings("hf"))
     with pytest.raises(SpnError, match="needs a captions file"): make_captioner(settings("metadata"))
     with pytest.raises(SpnError, match="needs a vocabulary"): make_captioner(settings("clip-vocab", model="spn-tiny-vit"))
