@@ -16,7 +16,7 @@ from .caption import CaptionConfig, caption_dataset
 from .evaluate import EvalConfig, ScoreConfig, SubmitConfig, evaluate, score_predictions, submit
 from .pipeline import DemoConfig, run_demo
 from .positives import PositivesConfig, generate_positives
-from .pretrain import PretrainConfig, pretrain_clip
+from .pretrain import PretrainConfig, pretrain_model
 from .search import IndexConfig, SearchConfig, build_index, search
 from .stage1 import Stage1Config, train_stage1
 from .stage2 import Stage2Config, train_stage2
@@ -177,7 +177,7 @@ COMMANDS:dict[str, Command|Choice] = {
     "demo": Command(DemoConfig, run_demo, "run the SPN ablation end to end on Shapes-CIR (offline, CPU)"),
     "synth": Command(SynthConfig, write_shapes_cir, "write the Shapes-CIR benchmark in the FashionIQ, CIRR, CIRCO or GeneCIS layout"),
     "validate": Command(ValidateConfig, validate_dataset, "check a dataset folder and print a JSON summary", output=None),
-    "pretrain": Command(PretrainConfig, pretrain_clip, "CLIP-pretrain a small open_clip model on image-caption pairs", drop=("step_loss",)),
+    "pretrain": Command(PretrainConfig, pretrain_model, "CLIP-pretrain a small open_clip model on image-caption pairs", drop=("step_loss",)),
     "caption": Command(CaptionConfig, caption_dataset, "caption a split's images into a resumable captions.jsonl"),
     "positives": Command(PositivesConfig, generate_positives, "generate extra (reference, text, target) triplets from captions"),
     "train": Choice("stage", {1: Command(Stage1Config, train_stage1, "in-batch InfoNCE", drop=("history",)),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_models.ipynb #803dcf63
 from __future__ import annotations
-import abc, copy, difflib, json, os, pickle, uuid, warnings
+import abc, copy, difflib, importlib, json, math, os, pickle, uuid, warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
@@ -22,9 +22,10 @@ from .core import SpnError, atomic_save, blocked_globals, read_json, write_json
 
 # %% auto #0
 __all__ = ['TINY_CONFIGS', 'COMBINERS', 'TRAINABLE', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CHECKPOINT_FORMAT', 'FAMILIES',
-           'register_tiny_configs', 'parse_spec', 'backbone_config', 'build_backbone', 'make_tokenizer', 'read_weights',
-           'load_state_strict', 'create_backbone', 'SumCombiner', 'Clip4CirCombiner', 'combiner_from_config',
-           'CIRFamily', 'squeeze_targets', 'CIRModel', 'set_trainable', 'save_checkpoint', 'load_checkpoint',
+           'FAMILY_MODULES', 'TINY_FAMILY_MODELS', 'register_tiny_configs', 'parse_spec', 'backbone_config',
+           'build_backbone', 'make_tokenizer', 'read_weights', 'load_state_strict', 'create_backbone', 'SumCombiner',
+           'Clip4CirCombiner', 'combiner_from_config', 'CIRFamily', 'squeeze_targets', 'clip_loss', 'CIRModel',
+           'set_trainable', 'family_class', 'config_keys', 'save_checkpoint', 'load_checkpoint',
            'combiner_from_clip4cir', 'import_clip4cir', 'load_model']
 
 # %% ../nbs/03_models.ipynb #27cfc530
@@ -276,6 +277,9 @@ class CIRFamily(abc.ABC):
     state_reads_text:ClassVar[bool] = False # True: the reference state needs the query's text (BLIP-2's fused first pass)
     trainable_groups:ClassVar[tuple[str, ...]] = () # the names `set_trainable` accepts
     stage2_groups:ClassVar[tuple[str, ...]] = () # the groups stage 2 trains (the image side stays frozen)
+    config_keys:ClassVar[tuple[str, ...]] = () # keys `config()` always writes (a checkpoint's `config.json` must hold them)
+    provenance:dict # where the weights came from (spec, files, pretraining); saved with every checkpoint
+    extra_config:dict # what the last trainer added (training arguments, metrics); saved with every checkpoint
 
     @abc.abstractmethod
     def encode_targets(self, images:torch.Tensor) -> torch.Tensor: "Unit target vectors `(N, K, D)` of preprocessed images."
@@ -307,6 +311,21 @@ class CIRFamily(abc.ABC):
         "Unit targets `(N, K, D)` and the image-only reference states (None when the state needs texts or does not exist)."
         image_only = self.caches_reference and not self.state_reads_text
         return self.encode_targets(images), self.reference_state(images) if image_only else None
+    def pretrain_loss(self, images:torch.Tensor, tokens:torch.Tensor) -> torch.Tensor:
+        "The family's pretraining objective on a batch of image-caption pairs (row i of `tokens` describes image i)."
+        raise SpnError(f"the {self.family} family has no pretraining objective")
+    def caption_embeddings(self, tokens:torch.Tensor) -> torch.Tensor:
+        "Unit caption vectors `(N, D)`, scored against `encode_targets` (max over K) in pretraining's retrieval check."
+        raise SpnError(f"the {self.family} family does not embed captions")
+    def after_update(self):
+        "Called after each pretraining optimizer step (e.g. clamp a learnable temperature)."
+    def pretrain_extra(self) -> dict:
+        "What pretraining records per epoch besides the loss (e.g. the temperature)."
+        return {}
+    @classmethod
+    def from_pretrained(cls, source:str) -> CIRFamily:
+        "A model from the family's own spec (`FAMILY:SOURCE` on the command line: a hub id, a folder, or a tiny name)."
+        raise SpnError(f"the {cls.family} family has no loader for {source!r}")
     def freeze_image_side(self) -> list[nn.Parameter]:
         "Freeze everything but `stage2_groups` (never a temperature); return what stage 2 trains."
         return self.set_trainable(*self.stage2_groups, temperature=False)
@@ -317,10 +336,22 @@ def squeeze_targets(targets:torch.Tensor # (N, K, D) target vectors
     "`(N, D)` rows when K = 1, else the `(N, K, D)` tensor unchanged."
     return targets[:, 0] if targets.ndim == 3 and targets.shape[1] == 1 else targets
 
+# %% ../nbs/03_models.ipynb #43a53e85
+def clip_loss(image_features:torch.Tensor, # (B, D), normalised
+              text_features:torch.Tensor, # (B, D), normalised; row i describes image i
+              logit_scale:torch.Tensor # log of the inverse temperature (CLIP's learnable `logit_scale`)
+             ) -> torch.Tensor:
+    "Symmetric cross-entropy of CLIP over a batch."
+    logits = logit_scale.exp() * image_features @ text_features.T   # (B, B)
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
 # %% ../nbs/03_models.ipynb #91f5fa2e
 class CIRModel(nn.Module, CIRFamily):
     "An open_clip backbone plus a combiner: the `CIRFamily` of single-vector targets and raw reference features."
     family, target_vectors, trainable_groups, stage2_groups = "open_clip", 1, ("text", "image", "both", "combiner", "all"), ("text", "combiner")
+    config_keys = ("backbone", "combiner")
     def __init__(self,
                  backbone:nn.Module, # an open_clip CLIP / CustomTextCLIP
                  info:dict, # `{name, model_cfg, preprocess_cfg, provenance}` from `create_backbone`
@@ -395,6 +426,15 @@ class CIRModel(nn.Module, CIRFamily):
 
     def image_side(self) -> nn.Module: return self.backbone.visual
 
+    def pretrain_loss(self, images:torch.Tensor, tokens:torch.Tensor) -> torch.Tensor:
+        "CLIP's symmetric contrastive loss at the learnable temperature."
+        return clip_loss(self.encode_images(images).float(), self.encode_texts(tokens).float(), self.backbone.logit_scale.float())
+    def caption_embeddings(self, tokens:torch.Tensor) -> torch.Tensor: return self.encode_texts(tokens)
+    def after_update(self):
+        "Keep CLIP's temperature at most 100, as CLIP does."
+        with torch.no_grad(): self.backbone.logit_scale.clamp_(0, math.log(100))
+    def pretrain_extra(self) -> dict: return {"logit_scale": round(self.backbone.logit_scale.exp().item(), 3)}
+
     def set_trainable(self, *groups:str, # names of `trainable_groups`; their union trains
                       temperature:bool=True # False keeps CLIP's logit scale (and bias) frozen even under 'all'
                      ) -> list[nn.Parameter]:
@@ -464,10 +504,25 @@ def set_trainable(model:CIRFamily, # the model to configure
 
 # %% ../nbs/03_models.ipynb #a1a5e8e9
 CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FORMAT = "config.json", "model.safetensors", 1
-_CONFIG_KEYS = ("format", "backbone", "combiner", "save_id")
 FAMILIES:dict[str, type] = {CIRModel.family: CIRModel}   # `config["family"]` -> the class that rebuilds it
+FAMILY_MODULES = {"blip2": "spn4cir.blip2", "mllm": "spn4cir.mllm"}   # families defined (and registered) in their own modules
+TINY_FAMILY_MODELS = {"spn-tiny-blip2": "blip2", "spn-tiny-mllm": "mllm"}   # tiny configs those modules build
 
-def save_checkpoint(model:CIRModel, # the model to save
+def family_class(name:str, # a family name: `config["family"]`, or the `FAMILY` of a `FAMILY:SOURCE` spec
+                 source=None # the file or spec it came from, for errors
+                ) -> type:
+    "The `CIRFamily` class of a family name, importing the module that defines it on first use."
+    if name not in FAMILIES and name in FAMILY_MODULES: importlib.import_module(FAMILY_MODULES[name])
+    if name not in FAMILIES: raise SpnError(f"unknown model family {name!r} (known: {sorted({*FAMILIES, *FAMILY_MODULES})})", file=source)
+    return FAMILIES[name]
+
+def config_keys(config:dict, # a checkpoint's config
+                source=None # its folder, for errors
+               ) -> tuple[str, ...]:
+    "The keys a checkpoint config of its family must hold."
+    return ("format", *family_class(config.get("family", CIRModel.family), source).config_keys, "save_id")
+
+def save_checkpoint(model:CIRFamily, # the model to save
                     folder:str|os.PathLike, # the checkpoint folder (created; other files in it are kept)
                     extra_config:dict|None=None # JSON-serialisable extras (training arguments, metrics, ...)
                    ) -> Path:
@@ -501,7 +556,9 @@ def _read_config(folder:Path) -> dict:
     weights, file = folder / WEIGHTS_FILE, folder / CONFIG_FILE
     if file.is_file():
         config = read_json(file)
-        missing = [k for k in _CONFIG_KEYS if k not in config] if isinstance(config, dict) else list(_CONFIG_KEYS)
+        if not isinstance(config, dict):
+            raise SpnError(f"{CONFIG_FILE} lacks the keys {list(config_keys({}))}: it holds a {type(config).__name__}, not an object", file=folder)
+        missing = [k for k in config_keys(config, folder) if k not in config]
         if missing: raise SpnError(f"{CONFIG_FILE} lacks the keys {missing}", file=folder)
         if not weights.is_file(): raise SpnError(f"no {WEIGHTS_FILE} beside {CONFIG_FILE}", file=folder)
         if _weights_metadata(weights).get("save_id") == config["save_id"]: return config
@@ -515,17 +572,16 @@ def _read_config(folder:Path) -> dict:
 
 def load_checkpoint(folder:str|os.PathLike, # a folder written by `save_checkpoint`
                     device:str|torch.device="cpu" # where to put the model
-                   ) -> CIRModel:
+                   ) -> CIRFamily:
     "Rebuild the exact model of a checkpoint folder from its `config.json` and load its weights."
     folder = Path(folder)
     if not folder.is_dir(): raise SpnError("checkpoint folder not found", file=folder)
     config = _read_config(folder)
-    missing = [k for k in _CONFIG_KEYS if k not in config]
+    cls = family_class(config.get("family", CIRModel.family), folder)   # checkpoints older than the family field are open_clip ones
+    missing = [k for k in config_keys(config, folder) if k not in config]
     if missing: raise SpnError(f"{CONFIG_FILE} lacks the keys {missing}", file=folder)
     if config["format"] != CHECKPOINT_FORMAT: raise SpnError(f"unsupported checkpoint format {config['format']!r}", file=folder)
-    family = config.get("family", CIRModel.family)   # checkpoints older than the family field are open_clip ones
-    if family not in FAMILIES: raise SpnError(f"unknown model family {family!r} (known: {sorted(FAMILIES)})", file=folder)
-    model = FAMILIES[family].from_config(config, folder)
+    model = cls.from_config(config, folder)
     model.extra_config = config.get("extra") or {}
     load_state_strict(model, read_weights(folder / WEIGHTS_FILE), folder)
     return model.to(device).eval()
@@ -577,9 +633,12 @@ def import_clip4cir(path:str|os.PathLike, # a torch file with a `CLIP` entry (an
 def load_model(spec:str|os.PathLike, # a checkpoint folder, or `NAME[:PRETRAINED]` (a tag or a weights file)
                combiner:str|dict|None=None, # None keeps the model's; 'sum', 'clip4cir' or a combiner config dict
                device:str|torch.device="cpu" # where to put the model
-              ) -> CIRModel:
-    "A CIR model from a checkpoint folder or an open_clip spec."
+              ) -> CIRFamily:
+    "A CIR model from a checkpoint folder, an open_clip spec, `blip2:`/`mllm:` + a hub id or folder, or a tiny family name."
+    family, _, source = str(spec).partition(":")
     if Path(spec).is_dir(): model = load_checkpoint(spec)
+    elif str(spec) in TINY_FAMILY_MODELS: model = family_class(TINY_FAMILY_MODELS[str(spec)]).from_pretrained(str(spec))
+    elif family in FAMILY_MODULES and source: model = family_class(family, spec).from_pretrained(source)
     else:
         name, weights = parse_spec(str(spec))
         obj = read_weights(weights) if weights and Path(weights).is_file() else {}
@@ -587,6 +646,7 @@ def load_model(spec:str|os.PathLike, # a checkpoint folder, or `NAME[:PRETRAINED
             model = _from_clip4cir(obj, weights, name, obj.get("Combiner"), weights)
         else: model = CIRModel(*create_backbone(str(spec), loaded=obj or None))
     if combiner is not None:
+        if model.family != CIRModel.family: raise SpnError(f"the {model.family} family has no combiner; drop combiner={combiner!r}")
         config = {"type": combiner} if isinstance(combiner, str) else dict(combiner)
         have = model.combiner.config()
         if any(have.get(k) != v for k, v in config.items()):

@@ -170,7 +170,7 @@ class _DemoRun:
 def _prepare(run:_DemoRun, log) -> dict:
     "The steps every row depends on: data, pretraining, captions, positives (each run once, see `run_step`)."
     from spn4cir.synthetic import write_shapes_cir
-    from spn4cir.pretrain import PretrainConfig, pretrain_clip
+    from spn4cir.pretrain import PretrainConfig, pretrain_model
     from spn4cir.caption import CaptionConfig, caption_dataset, slot_accuracy
     from spn4cir.positives import PositivesConfig, generate_positives
     c, s, steps = run.config, run.settings, {}
@@ -178,7 +178,7 @@ def _prepare(run:_DemoRun, log) -> dict:
     steps["data"] = run_step(run.out, "data", base | s["data"],
                              lambda: write_shapes_cir(run.data, c.format, seed=c.seed, **s["data"], progress=False), log, [run.data])
     steps["pretrain"] = run_step(run.out, "pretrain", base | s["data"] | s["pretrain"],
-                                 lambda: {k: v for k, v in pretrain_clip(PretrainConfig(run.data, run.pretrained, **s["pretrain"], seed=c.seed,
+                                 lambda: {k: v for k, v in pretrain_model(PretrainConfig(run.data, run.pretrained, **s["pretrain"], seed=c.seed,
                                           device=c.device, precision=c.precision), progress=False).items() if k != "step_loss"},
                                  log, [run.pretrained])
     caption_opts = dict(s["caption"]); captioner = caption_opts.pop("captioner")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03b_pretrain.ipynb #384bbe71
 from __future__ import annotations
-import math, os
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -17,11 +17,11 @@ from .core import Config, SpnError, check_count, check_number, pick_device, pick
 from .data import load_image
 from .engine import (Plan, RunFiles, TrainJob, lr_factor, open_run, resolved_settings, rng_stream,
                             run_epochs)
-from .models import CIRModel, load_checkpoint, load_model, set_trainable
+from .models import CIRFamily, load_checkpoint, load_model
 
 # %% auto #0
-__all__ = ['read_caption_pool', 'split_pool', 'CaptionPairs', 'clip_loss', 'retrieval_recall', 'embed_pairs',
-           'evaluate_retrieval', 'PretrainConfig', 'pretrain_clip']
+__all__ = ['read_caption_pool', 'split_pool', 'CaptionPairs', 'retrieval_recall', 'evaluate_retrieval', 'PretrainConfig',
+           'pretrain_model']
 
 # %% ../nbs/03b_pretrain.ipynb #8d5ef026
 def read_caption_pool(captions:str|os.PathLike, # JSONL of {"image": path relative to root, "caption": text}
@@ -71,21 +71,14 @@ class CaptionPairs(Dataset):
         return self.transform(image), self.tokens[i]
 
 # %% ../nbs/03b_pretrain.ipynb #8eab5093
-def clip_loss(image_features:torch.Tensor, # (B, D), normalised
-              text_features:torch.Tensor, # (B, D), normalised; row i describes image i
-              logit_scale:torch.Tensor # log of the inverse temperature (CLIP's learnable `logit_scale`)
-             ) -> torch.Tensor:
-    "Symmetric cross-entropy of CLIP over a batch."
-    logits = logit_scale.exp() * image_features @ text_features.T   # (B, B)
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-def retrieval_recall(image_features:torch.Tensor, # (N, D) held-out images
+def retrieval_recall(image_features:torch.Tensor, # (N, D) held-out images, or (N, K, D) for families with K vectors per image
                      text_features:torch.Tensor, # (N, D) their captions, row i describes image i
                      ks:tuple[int, ...]=(1, 10) # recall cut-offs
                     ) -> dict[str, float]:
-    "Text->image and image->text recall@k in percent, ties counted against the query."
-    scores = F.normalize(text_features.float(), dim=-1) @ F.normalize(image_features.float(), dim=-1).T   # (N texts, N images)
+    "Text->image and image->text recall@k in percent (an image scores by its best of K vectors), ties counted against the query."
+    images = F.normalize(image_features.float(), dim=-1)
+    images = images[:, None] if images.ndim == 2 else images                                         # (N, K, D)
+    scores = torch.einsum("td,nkd->tnk", F.normalize(text_features.float(), dim=-1), images).amax(-1)  # (N texts, N images)
     result = {}
     for name, s in (("t2i", scores), ("i2t", scores.T)):
         right = s.diagonal().unsqueeze(1)
@@ -95,34 +88,24 @@ def retrieval_recall(image_features:torch.Tensor, # (N, D) held-out images
 
 # %% ../nbs/03b_pretrain.ipynb #2fb8b5c4
 @torch.no_grad()
-def embed_pairs(model:CIRModel, # the model
-                pairs:CaptionPairs, # the pairs to embed
-                batch_size:int=256, # pairs per forward pass
-                num_workers:int=0 # data-loader workers
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Normalised image and text features `(N, D)` of every pair, on the CPU."
-    was_training = model.training; model.eval()
-    images, texts = [], []
-    for x, tokens in DataLoader(pairs, batch_size=batch_size, num_workers=num_workers):
-        images.append(model.encode_images(x).float().cpu()); texts.append(model.encode_texts(tokens).float().cpu())
-    model.train(was_training)
-    return torch.cat(images), torch.cat(texts)
-
-def evaluate_retrieval(model:CIRModel, # the model
+def evaluate_retrieval(model:CIRFamily, # the model
                        pairs:CaptionPairs, # held-out pairs
                        batch_size:int=256, # pairs per forward pass (also the loss's batch)
                        num_workers:int=0 # data-loader workers
                       ) -> dict[str, float]:
-    "Held-out recall (percent) and contrastive loss (batches of `batch_size`) of a model."
-    image_features, text_features = embed_pairs(model, pairs, batch_size, num_workers)
-    scale = model.backbone.logit_scale.detach().float().cpu()
-    losses = [clip_loss(i, t, scale).item() for i, t in zip(image_features.split(batch_size), text_features.split(batch_size)) if len(i) > 1]
-    return {**retrieval_recall(image_features, text_features), "loss": round(sum(losses) / max(len(losses), 1), 4)}
+    "Held-out recall (percent, `encode_targets` against `caption_embeddings`) and pretraining loss (batches of `batch_size`)."
+    was_training = model.training; model.eval()
+    images, texts, losses = [], [], []
+    for x, tokens in DataLoader(pairs, batch_size=batch_size, num_workers=num_workers):
+        images.append(model.encode_targets(x).float().cpu()); texts.append(model.caption_embeddings(tokens).float().cpu())
+        if len(x) > 1: losses.append(model.pretrain_loss(x, tokens).item())
+    model.train(was_training)
+    return {**retrieval_recall(torch.cat(images), torch.cat(texts)), "loss": round(sum(losses) / max(len(losses), 1), 4)}
 
 # %% ../nbs/03b_pretrain.ipynb #95d0bbbe
 @dataclass
 class PretrainConfig(Config):
-    "Settings of `pretrain_clip` (`spn4cir pretrain`)."
+    "Settings of `pretrain_model` (`spn4cir pretrain`)."
     job:ClassVar[str] = "pretrain"
     paths:ClassVar[tuple[str, ...]] = ("data", "out", "captions", "model")
     data:str # the folder the caption file's image paths are relative to
@@ -164,9 +147,9 @@ def _decay_groups(model:torch.nn.Module, weight_decay:float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 class _PretrainJob(TrainJob):
-    "CLIP's contrastive step on image-caption pairs, for the engine."
+    "The model family's pretraining step on image-caption pairs, for the engine."
     name, keep = "pretrain", "last"
-    def __init__(self, model:CIRModel, train:CaptionPairs, val:CaptionPairs, batch:int, seed:int, workers:int, summary):
+    def __init__(self, model:CIRFamily, train:CaptionPairs, val:CaptionPairs, batch:int, seed:int, workers:int, summary):
         self.model, self.train, self.val, self.batch, self.seed, self.workers, self.summary = model, train, val, batch, seed, workers, summary
 
     def batches(self, epoch:int):
@@ -175,11 +158,9 @@ class _PretrainJob(TrainJob):
 
     def step(self, batch) -> torch.Tensor:
         images, tokens = batch
-        image_features, text_features = self.model.encode_images(images), self.model.encode_texts(tokens)
-        return clip_loss(image_features.float(), text_features.float(), self.model.backbone.logit_scale.float())
+        return self.model.pretrain_loss(images, tokens)
 
-    def after_update(self):
-        with torch.no_grad(): self.model.backbone.logit_scale.clamp_(0, math.log(100))
+    def after_update(self): self.model.after_update()
 
     def validate(self) -> tuple[dict, float|None]:
         if not len(self.val): return {}, None
@@ -187,24 +168,24 @@ class _PretrainJob(TrainJob):
         return metrics, metrics["t2i_R@10"]
 
     def epoch_extra(self, seconds:float, losses:list[float]) -> dict:
-        return {"logit_scale": round(self.model.backbone.logit_scale.exp().item(), 3), "step_loss": [round(l, 5) for l in losses]}
+        return {**self.model.pretrain_extra(), "step_loss": [round(l, 5) for l in losses]}
 
     def checkpoint_extra(self, settings:dict, record:dict, history:list[dict]) -> dict:
         return {"pretrain": {k: v for k, v in self.summary(history).items() if k != "step_loss"}}
 
 # %% ../nbs/03b_pretrain.ipynb #6d2e3b54
-def _summary(settings:dict, n_train:int, n_val:int, steps_per_epoch:int, history:list[dict]) -> dict:
-    "What `pretrain_clip` returns (and its checkpoint carries, less the step losses)."
+def _summary(settings:dict, n_train:int, n_val:int, steps_per_epoch:int, extra:tuple[str, ...], history:list[dict]) -> dict:
+    "What `pretrain_model` returns (and its checkpoint carries, less the step losses); `extra`: the family's `pretrain_extra` keys."
     return {"out": settings["out"], "args": settings, "train_pairs": n_train, "val_pairs": n_val, "steps_per_epoch": steps_per_epoch,
             "init": history[0]["metrics"], "seconds": round(sum(h["seconds"] + h["val_seconds"] for h in history), 2),
-            "epochs": [{"epoch": h["epoch"], "train_loss": h["train_loss"], "logit_scale": h["logit_scale"], **h["metrics"]}
+            "epochs": [{"epoch": h["epoch"], "train_loss": h["train_loss"], **{k: h[k] for k in extra}, **h["metrics"]}
                        for h in history[1:]],
             "step_loss": [l for h in history[1:] for l in h["step_loss"]]}
 
-def pretrain_clip(config:PretrainConfig, # the run's settings
-                  progress:bool=True # show progress bars
-                 ) -> dict:
-    "Contrastive image-text pretraining of a (small) open_clip model; returns the run's summary."
+def pretrain_model(config:PretrainConfig, # the run's settings
+                   progress:bool=True # show progress bars
+                  ) -> dict:
+    "Image-text pretraining of a (small) model of any family with its `pretrain_loss`; returns the run's summary."
     data, out = Path(config.data), Path(config.out)
     captions = Path(config.captions) if config.captions is not None else data / "pretrain_captions.jsonl"
     dev = pick_device(config.device); dtype = pick_precision(dev, config.precision)
@@ -215,14 +196,14 @@ def pretrain_clip(config:PretrainConfig, # the run's settings
     state = open_run(config, settings, files, config.changeable())
     seed_everything(config.seed)
     net = (load_checkpoint(state) if state is not None else load_model(config.model)).to(dev)
-    set_trainable(net, "all")
+    net.set_trainable("all")
     net.provenance["pretrained"] = {"captions": str(captions.resolve()), "pairs": len(train)}
     batch = min(config.batch_size, len(train))
     train_pairs, val_pairs = (CaptionPairs(r, net.image_transform(), net.tokenize, captions) for r in (train, val))
     total = config.epochs * (len(train) // batch)
     optimizer = torch.optim.AdamW(_decay_groups(net, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", total, max(1, round(config.warmup * total))))
-    summary = lambda history: _summary(settings, len(train), len(val), len(train) // batch, history)
+    summary = lambda history: _summary(settings, len(train), len(val), len(train) // batch, tuple(net.pretrain_extra()), history)
     job = _PretrainJob(net, train_pairs, val_pairs, batch, config.seed, workers, summary)
     history = run_epochs(job, Plan(settings, files, optimizer, schedule, dev, dtype, progress=progress), state)
     return summary(history)

@@ -317,7 +317,8 @@ def _stage1_model(config:Stage1Config, state:Path|None, device:torch.device) -> 
     if state is not None: net = load_checkpoint(state, device=device)
     else:
         net = load_model(config.model, combiner=config.combiner, device=device)
-        if net.combiner.kind != "sum" and config.train_part not in ("combiner", "all") and net.provenance.get("combiner") == "freshly initialised":
+        fresh = net.provenance.get("combiner") == "freshly initialised"   # only open_clip models have combiners
+        if fresh and net.combiner.kind != "sum" and config.train_part not in ("combiner", "all"):
             raise SpnError(f"the {net.combiner.kind} combiner is freshly initialised but train_part={config.train_part!r} leaves it "
                            "frozen; train it (train_part='combiner' or 'all') or use combiner='sum'")
     return net, net.set_trainable(config.train_part, temperature=False)

@@ -9,12 +9,13 @@ from PIL import Image, ImageDraw
 from spn4cir import engine
 from spn4cir.core import SpnError, read_jsonl, write_jsonl
 from spn4cir.models import load_checkpoint, load_model
-from spn4cir.pretrain import (CaptionPairs, PretrainConfig, clip_loss, evaluate_retrieval, read_caption_pool,
+from spn4cir.models import clip_loss
+from spn4cir.pretrain import (CaptionPairs, PretrainConfig, evaluate_retrieval, read_caption_pool,
                               retrieval_recall, split_pool)
-from spn4cir.pretrain import pretrain_clip as pretrain_job
+from spn4cir.pretrain import pretrain_model as pretrain_job
 
 
-def pretrain_clip(data, out, progress=False, **settings):
+def pretrain_model(data, out, progress=False, **settings):
     "The job with its settings as keywords."
     return pretrain_job(PretrainConfig(str(data), str(out), **settings), progress=progress)
 
@@ -60,7 +61,7 @@ SMALL = dict(epochs=2, batch_size=16, lr=1e-3, val_fraction=0.1)   # 65 train pa
 
 
 def test_short_run_lowers_loss_and_improves_retrieval(pool, tmp_path):
-    run = pretrain_clip(pool, tmp_path / "clip", epochs=6, batch_size=32, lr=1e-3, val_fraction=0.2, progress=False)
+    run = pretrain_model(pool, tmp_path / "clip", epochs=6, batch_size=32, lr=1e-3, val_fraction=0.2, progress=False)
     init, final = run["init"], run["epochs"][-1]
     assert run["train_pairs"] == 256 and run["val_pairs"] == 64 and len(run["step_loss"]) == 6 * 8
     assert final["loss"] < init["loss"] - 0.5, (init, final)                      # held-out contrastive loss
@@ -80,23 +81,23 @@ def test_short_run_lowers_loss_and_improves_retrieval(pool, tmp_path):
 
 
 def test_deterministic_for_a_seed(small_pool, tmp_path):
-    a = pretrain_clip(small_pool, tmp_path / "a", seed=3, **SMALL)
-    b = pretrain_clip(small_pool, tmp_path / "b", seed=3, **SMALL)
-    c = pretrain_clip(small_pool, tmp_path / "c", seed=4, **SMALL)
+    a = pretrain_model(small_pool, tmp_path / "a", seed=3, **SMALL)
+    b = pretrain_model(small_pool, tmp_path / "b", seed=3, **SMALL)
+    c = pretrain_model(small_pool, tmp_path / "c", seed=4, **SMALL)
     assert a["step_loss"] == b["step_loss"] and a["epochs"] == b["epochs"]
     assert _same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
     assert a["step_loss"] != c["step_loss"]
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(small_pool, tmp_path, monkeypatch):
-    whole = pretrain_clip(small_pool, tmp_path / "whole", **SMALL)
+    whole = pretrain_model(small_pool, tmp_path / "whole", **SMALL)
     def die(*args, **kwargs): raise KeyboardInterrupt("killed after the first epoch's state")
     monkeypatch.setattr(engine, "append_jsonl", die)
     with pytest.raises(KeyboardInterrupt):
-        pretrain_clip(small_pool, tmp_path / "resumed", **SMALL)
+        pretrain_model(small_pool, tmp_path / "resumed", **SMALL)
     monkeypatch.undo()
     assert len(load_model(tmp_path / "resumed").extra_config["pretrain"]["epochs"]) == 1
-    resumed = pretrain_clip(small_pool, tmp_path / "resumed", **SMALL)
+    resumed = pretrain_model(small_pool, tmp_path / "resumed", **SMALL)
     assert resumed["step_loss"] == whole["step_loss"] and resumed["epochs"] == whole["epochs"]
     assert _same_weights(_weights(tmp_path / "resumed"), _weights(tmp_path / "whole"))
     assert not (tmp_path / "resumed" / "train_state.pt").exists() and (tmp_path / "resumed" / "pretrain_state" / "optimizer.safetensors").is_file()
@@ -106,16 +107,16 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(small_pool, tmp_
 def test_kill_between_checkpoint_and_state_then_rerun_finishes(small_pool, tmp_path, monkeypatch, epochs):
     "Issue 13.1: cut after the last epoch's checkpoint, before its resume state: the rerun trains that epoch again."
     settings = SMALL | {"epochs": epochs}
-    whole = pretrain_clip(small_pool, tmp_path / "whole", **settings)
+    whole = pretrain_model(small_pool, tmp_path / "whole", **settings)
     real, calls = engine.save_train_state, []
     def cut(*args, **kwargs):
         calls.append(1)
         if len(calls) == epochs: raise KeyboardInterrupt("killed between the checkpoint and the state")
         return real(*args, **kwargs)
     monkeypatch.setattr(engine, "save_train_state", cut)
-    with pytest.raises(KeyboardInterrupt): pretrain_clip(small_pool, tmp_path / "cut", **settings)
+    with pytest.raises(KeyboardInterrupt): pretrain_model(small_pool, tmp_path / "cut", **settings)
     monkeypatch.undo()
-    again = pretrain_clip(small_pool, tmp_path / "cut", **settings)
+    again = pretrain_model(small_pool, tmp_path / "cut", **settings)
     assert again["epochs"] == whole["epochs"] and again["step_loss"] == whole["step_loss"]
     assert _same_weights(_weights(tmp_path / "cut"), _weights(tmp_path / "whole"))
     cut, clean = (load_model(tmp_path / name).extra_config["pretrain"] for name in ("cut", "whole"))
@@ -125,11 +126,11 @@ def test_kill_between_checkpoint_and_state_then_rerun_finishes(small_pool, tmp_p
 def test_pickled_or_corrupt_resume_state_is_named(small_pool, tmp_path):
     (tmp_path / "old").mkdir(); (tmp_path / "old" / "train_state.pt").write_bytes(b"\x80\x02}q\x00.")
     with pytest.raises(SpnError, match="train_state.pt: a pickled resume state"):
-        pretrain_clip(small_pool, tmp_path / "old", **SMALL)
-    pretrain_clip(small_pool, tmp_path / "run", **(SMALL | {"epochs": 1}))
+        pretrain_model(small_pool, tmp_path / "old", **SMALL)
+    pretrain_model(small_pool, tmp_path / "run", **(SMALL | {"epochs": 1}))
     (tmp_path / "run" / "pretrain_state" / "optimizer.safetensors").write_bytes(b"garbage")
     with pytest.raises(SpnError, match="optimizer.safetensors: not a readable safetensors file"):
-        pretrain_clip(small_pool, tmp_path / "run", **(SMALL | {"epochs": 1}))
+        pretrain_model(small_pool, tmp_path / "run", **(SMALL | {"epochs": 1}))
 
 
 def test_settings_are_checked_before_anything_runs(tmp_path):
@@ -140,18 +141,18 @@ def test_settings_are_checked_before_anything_runs(tmp_path):
 
 
 def test_other_settings_are_not_mixed_into_a_run(small_pool, tmp_path):
-    pretrain_clip(small_pool, tmp_path / "run", **SMALL)
+    pretrain_model(small_pool, tmp_path / "run", **SMALL)
     with pytest.raises(SpnError, match=r"other settings \{'lr': \(0.001, 0.0005\)\}"):
-        pretrain_clip(small_pool, tmp_path / "run", **{**SMALL, "lr": 5e-4})
+        pretrain_model(small_pool, tmp_path / "run", **{**SMALL, "lr": 5e-4})
     with pytest.raises(SpnError, match=r"pass --resume \(resume=True in Python\)"):
-        pretrain_clip(small_pool, tmp_path / "run", resume=False, **SMALL)
-    fresh = pretrain_clip(small_pool, tmp_path / "fresh", **{**SMALL, "lr": 5e-4})
+        pretrain_model(small_pool, tmp_path / "run", resume=False, **SMALL)
+    fresh = pretrain_model(small_pool, tmp_path / "fresh", **{**SMALL, "lr": 5e-4})
     assert fresh["args"]["lr"] == 5e-4 and len(fresh["epochs"]) == 2
 
 
 def test_continues_from_a_checkpoint_folder(small_pool, tmp_path):
-    first = pretrain_clip(small_pool, tmp_path / "first", **SMALL)
-    more = pretrain_clip(small_pool, tmp_path / "more", model=str(tmp_path / "first"), **SMALL)
+    first = pretrain_model(small_pool, tmp_path / "first", **SMALL)
+    more = pretrain_model(small_pool, tmp_path / "more", model=str(tmp_path / "first"), **SMALL)
     assert more["init"]["loss"] == first["epochs"][-1]["loss"]     # starts where the first run ended
 
 
@@ -160,22 +161,22 @@ def test_bad_pools_are_named(tmp_path):
     captions = root / "pretrain_captions.jsonl"
     write_jsonl(captions, [{"image": "img/0.png", "caption": "a"}, {"image": "img/1.png"}])
     with pytest.raises(SpnError, match="pretrain_captions.jsonl: record line 2: needs a non-empty string 'caption'"):
-        pretrain_clip(root, tmp_path / "out", **SMALL)
+        pretrain_model(root, tmp_path / "out", **SMALL)
     write_jsonl(captions, [{"image": f"img/{i}.png", "caption": "a"} for i in range(6)] + [{"image": "img/nope.png", "caption": "b"}])
     with pytest.raises(SpnError, match="record line 7: 1 of 7 images not found"):
-        pretrain_clip(root, tmp_path / "out", **SMALL)
+        pretrain_model(root, tmp_path / "out", **SMALL)
     write_jsonl(captions, [{"image": "/etc/hostname", "caption": "a"}])
     with pytest.raises(SpnError, match="absolute path"):
-        pretrain_clip(root, tmp_path / "out", **SMALL)
+        pretrain_model(root, tmp_path / "out", **SMALL)
     write_jsonl(captions, [{"image": "img/0.png", "caption": "a"}] * 3)
     with pytest.raises(SpnError, match="needs at least 4 image-caption pairs, found 3"):
-        pretrain_clip(root, tmp_path / "out", **SMALL)
+        pretrain_model(root, tmp_path / "out", **SMALL)
     with pytest.raises(SpnError, match="file not found"):
-        pretrain_clip(root, tmp_path / "out", captions=str(root / "missing.jsonl"), **SMALL)
+        pretrain_model(root, tmp_path / "out", captions=str(root / "missing.jsonl"), **SMALL)
     (root / "img/0.png").write_bytes(b"")   # an image that breaks while training names itself
     write_jsonl(captions, [{"image": f"img/{i}.png", "caption": "a"} for i in range(6)])
     with pytest.raises(SpnError, match=r"cannot load image .*img/0.png: file is empty"):
-        pretrain_clip(root, tmp_path / "out", **{**SMALL, "val_fraction": 0})
+        pretrain_model(root, tmp_path / "out", **{**SMALL, "val_fraction": 0})
     assert not (tmp_path / "out" / "config.json").exists()
 
 
