@@ -18,7 +18,7 @@ from .core import SpnError, atomic_write, read_json, write_json
 __all__ = ['PREDICTIONS', 'BENCHMARKS', 'quantity', 'figure', 'machine_info', 'peak_rss_gb', 'in_fresh_process', 'Timer',
            'bench_stage2_step', 'bench_bank_logits', 'bench_stage2_epoch', 'clustered_features',
            'dense_reference_sampling', 'bench_sampling', 'bench_extraction', 'bench_retrieval', 'bench_captioning',
-           'bench_markdown', 'run_bench', 'BenchConfig']
+           'bench_search', 'bench_markdown', 'run_bench', 'BenchConfig']
 
 # %% ../nbs/12_bench.ipynb #a0711ccb
 def quantity(what:str, # what was measured
@@ -128,6 +128,8 @@ PREDICTIONS = {
     "retrieval/agreement": "1.0 (identical)", "retrieval/memory": "about 2x the features",
     "captioning/ratio": "4x",
     "bank_logits/forward": "0.9 on a GPU (bf16); about 1 on a CPU", "bank_logits/loss": "0.5 (two products per chunk)",
+    "search/hnsw_speed": "50x at 1M rows", "search/hnsw_recall": "0.9 at 1M rows", "search/ivf_speed": "6x at 1M rows",
+    "search/ivf_recall": "1.0",
 }
 
 # %% ../nbs/12_bench.ipynb #79d90d1a
@@ -473,9 +475,31 @@ def bench_captioning(quick:bool=False, # a batch of 8 instead of 16
     return {"setup": {"images": batch, "batch": batch, "max_new_tokens": captioner.max_new_tokens, "batched_seconds": batched,
                       "single_seconds": single}, "figures": figures}
 
+# %% ../nbs/12_bench.ipynb #e6178d5f
+def bench_search(quick:bool=False, # 20k rows instead of 100k and 1M
+                 device:str="cpu", # unused: faiss runs on the CPU here
+                 workdir:Path|None=None # unused (the same signature as every benchmark)
+                ) -> dict:
+    "Queries per second and recall@10 of HNSW and IVF faiss indexes against the exact scan, per index size."
+    from spn4cir.search import index_benchmark
+    sizes, threads = ([20_000] if quick else [100_000, 1_000_000]), 2
+    figures, runs = [], {}
+    for n in sizes:
+        _log(f"search: exact, hnsw and ivf indexes of {n:,} rows")
+        runs[n] = r = index_benchmark(n, threads=threads)
+        for kind in ("hnsw", "ivf"):
+            figures += [figure(f"{kind} / exact, queries per second, {n:,} rows", quantity(f"{kind}, one query at a time", 1000 / r[kind]["query_ms"], "queries/s"),
+                               quantity("exact flat scan", 1000 / r["exact"]["query_ms"], "queries/s"), None, PREDICTIONS[f"search/{kind}_speed"],
+                               f"D = 128, 100 queries, {threads} faiss threads; built in {r[kind]['build_s']} s"),
+                        figure(f"{kind} recall@10, {n:,} rows", quantity(f"{kind} top 10 found", r[kind]["recall@10"], "share"),
+                               quantity("exact top 10", 1.0, "share"), None, PREDICTIONS[f"search/{kind}_recall"])]
+    return {"setup": {"rows": sizes, "dim": 128, "queries": 100, "threads": threads, "runs": {str(n): r for n, r in runs.items()}}, "figures": figures}
+
+
 # %% ../nbs/12_bench.ipynb #979803ee
 BENCHMARKS:dict[str, Callable] = {"stage2_step": bench_stage2_step, "bank_logits": bench_bank_logits, "stage2_epoch": bench_stage2_epoch, "sampling": bench_sampling,
-                                  "extraction": bench_extraction, "retrieval": bench_retrieval, "captioning": bench_captioning}
+                                  "extraction": bench_extraction, "retrieval": bench_retrieval, "captioning": bench_captioning,
+                                  "search": bench_search}
 
 def _command_line(name:str, quick:bool) -> str: return f"spn4cir bench --only {name}" + (" --quick" if quick else "")
 

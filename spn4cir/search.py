@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_search.ipynb #3b5ec629
 from __future__ import annotations
-import dataclasses, os, warnings
+import dataclasses, os, time, warnings
 from pathlib import Path
 from typing import ClassVar, Literal, Sequence
 
@@ -19,8 +19,9 @@ from .data import load_dataset, load_image, split_image_names
 from .images import IMAGE_SUFFIXES, image_fingerprint
 
 # %% auto #0
-__all__ = ['INDEX_VERSION', 'folder_images', 'read_manifest', 'check_model', 'index_images', 'SavedIndex', 'compose_queries',
-           'IndexConfig', 'build_index', 'SearchConfig', 'search', 'draw_strip', 'index_explorer']
+__all__ = ['INDEX_VERSION', 'folder_images', 'read_manifest', 'check_model', 'index_images', 'faiss_index', 'SavedIndex',
+           'compose_queries', 'IndexConfig', 'build_index', 'SearchConfig', 'search', 'draw_strip', 'index_explorer',
+           'index_benchmark']
 
 # %% ../nbs/13_search.ipynb #75ba4ddf
 INDEX_VERSION = 1
@@ -128,7 +129,9 @@ def index_images(model, # a `CIRFamily` (or any module with `encode_targets`, `i
     return _write_faiss(out, manifest) | {"added": len(todo) - len(skipped), "skipped_images": skipped}
 
 # %% ../nbs/13_search.ipynb #ad14578f
-def _faiss_index(vectors:np.ndarray, kind:str) -> faiss.Index:
+def faiss_index(vectors:np.ndarray, # (N, D) unit float32 rows
+                kind:str # 'exact', 'hnsw' or 'ivf'
+               ) -> faiss.Index:
     "An inner-product faiss index of unit vectors: exact, HNSW (32 links) or IVF (about 4 sqrt(N) lists, 1/8 probed)."
     d = vectors.shape[1]
     if kind == "exact": index = faiss.IndexFlatIP(d)
@@ -149,7 +152,7 @@ def _write_faiss(out:Path, manifest:dict) -> dict:
     parts = {p: np.load(out / "parts" / f"part-{p:05d}.npy") for p in dict.fromkeys(r["part"] for r in journal)}
     vectors = np.stack([parts[r["part"]][r["row"]] for r in journal]).astype(np.float32)    # (N, K, D)
     n, k, d = vectors.shape
-    index = _faiss_index(np.ascontiguousarray(vectors.reshape(n * k, d)), manifest["index"])
+    index = faiss_index(np.ascontiguousarray(vectors.reshape(n * k, d)), manifest["index"])
     atomic_save(out / "index.faiss", lambda tmp: faiss.write_index(index, tmp))
     manifest = manifest | {"images": n, "vectors_per_image": k, "dim": d}
     write_json(out / "manifest.json", manifest)
@@ -330,3 +333,28 @@ def index_explorer(index:str|os.PathLike, # an index folder of single-vector ima
     emb = SplitEmbeddings(composed, gallery, [-1] * len(queries), [-1] * len(queries), names=saved.images, texts=[q["text"] for q in queries],
                           paths=saved.images, reference_features=refs, exclude_reference=False, label="index")
     return retrieval_explorer(emb, model, k)
+
+# %% ../nbs/13_search.ipynb #51ef203e
+def index_benchmark(n:int, # stored vectors
+                    kinds:Sequence[str]=("exact", "hnsw", "ivf"), # index kinds; the first one is the truth the recall is measured against
+                    d:int=128, # dimension
+                    n_queries:int=100, # queries, searched one at a time
+                    seed:int=0, # the data
+                    threads:int=1 # faiss threads
+                   ) -> dict[str, dict]:
+    "Build seconds, query latency (ms, one query at a time) and recall@10 against the first kind, on clustered unit vectors."
+    faiss.omp_set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((1000, d), dtype=np.float32)                   # clustered, as image embeddings are
+    base = centres[rng.integers(0, 1000, n)] + 0.6 * rng.standard_normal((n, d), dtype=np.float32); base /= np.linalg.norm(base, axis=1, keepdims=True)
+    q = base[rng.choice(n, n_queries, replace=False)] + 0.3 * rng.standard_normal((n_queries, d), dtype=np.float32) / np.sqrt(d)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    out, truth = {}, None
+    for kind in kinds:
+        start = time.perf_counter(); index = faiss_index(base, kind); built = time.perf_counter() - start
+        start = time.perf_counter(); found = np.concatenate([index.search(q[i:i + 1], 10)[1] for i in range(n_queries)]); per_query = (time.perf_counter() - start) / n_queries
+        if truth is None: truth = found
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
+        out[kind] = {"build_s": round(built, 1), "query_ms": round(1000 * per_query, 2), "recall@10": round(float(recall), 3)}
+    return out
+

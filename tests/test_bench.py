@@ -47,7 +47,7 @@ def test_unknown_benchmark_refused(tmp_path):
 
 
 def test_quick_run_writes_the_report(tmp_path):
-    names = ["stage2_step", "bank_logits", "stage2_epoch", "extraction", "retrieval", "captioning"]
+    names = ["stage2_step", "bank_logits", "stage2_epoch", "extraction", "retrieval", "captioning", "search"]
     summary = run_bench(BenchConfig(tmp_path, quick=True, only=names))
     assert summary["failed"] == [] and summary["benchmarks"] == names
     report = read_json(tmp_path / "bench.json")
@@ -67,6 +67,8 @@ def test_quick_run_writes_the_report(tmp_path):
     agree = next(f for f in report["benchmarks"]["retrieval"]["figures"] if f["name"] == "rows identical to brute force")
     assert agree["ratio"] == 1.0 and agree["passed"] is True
     assert report["benchmarks"]["stage2_step"]["setup"]["bank_rows"] == [10_000, 100_000]
+    searched = report["benchmarks"]["search"]["setup"]["runs"]["20000"]
+    assert searched["exact"]["recall@10"] == 1.0 and all(0 < searched[k]["recall@10"] <= 1 for k in ("hnsw", "ivf"))
     table = (tmp_path / "bench.md").read_text()
     assert table.count("`spn4cir bench --only ") == rows and "load average" in table
     assert set(summary["figures"]) == {f["name"] for b in report["benchmarks"].values() for f in b["figures"]}
