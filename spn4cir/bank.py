@@ -20,9 +20,9 @@ def _at_least_float32(x:torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 def _score_dtype(queries:torch.Tensor, bank:torch.Tensor) -> torch.dtype:
-    "The dtype of the products: a half-precision bank on a GPU multiplies in its own dtype (tensor cores), else the queries'."
-    half = bank.dtype in (torch.float16, torch.bfloat16)
-    return bank.dtype if half and bank.device.type == "cuda" and queries.dtype == torch.float32 else queries.dtype
+    "The dtype of the products: a bfloat16 bank (any device) or a float16 bank on a GPU multiplies in its own dtype, else the queries'."
+    native = bank.dtype == torch.bfloat16 or (bank.dtype == torch.float16 and bank.device.type == "cuda")
+    return bank.dtype if native and queries.dtype == torch.float32 else queries.dtype
 
 def _rows_scores(queries:torch.Tensor, rows:torch.Tensor, scale:float) -> tuple[torch.Tensor, torch.Tensor|None]:
     "Scores `(B, C)` in the queries' dtype of the queries against rows `(C, D)` or `(C, K, D)` (max over K), and the argmax `(B, C)` (None for K = 1)."

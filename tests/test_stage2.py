@@ -246,3 +246,12 @@ def test_pool_of_triplet_images_is_the_references(shapes, tmp_path):
     run = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "out", pool="triplets", **FAST)
     named = {n for t in training_set(shapes / "data", "cirr", progress=False).triplets for n in (t.reference, t.target)}
     assert run["train_images"] == len(named) < len(load_dataset(shapes / "data", "cirr", "train")["all"].images)
+
+
+def test_a_bfloat16_bank_trains_close_to_the_float32_one(shapes, tmp_path):
+    "bank_dtype='bfloat16' keeps the bank in bf16 (products in bf16 too): the summary says so and the first loss is float32's within bf16 rounding."
+    full = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "fp32", **FAST)
+    half = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "bf16", bank_dtype="bfloat16", **FAST)
+    assert (full["bank_dtype"], half["bank_dtype"]) == ("float32", "bfloat16")
+    first = lambda run: run["history"][1]["train_loss"]
+    assert first(half) != first(full) and abs(first(half) - first(full)) < 0.02 * abs(first(full))
