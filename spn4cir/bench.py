@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from .core import SpnError, atomic_write, read_json, write_json
 
 # %% auto #0
-__all__ = ['PREDICTIONS', 'BENCHMARKS', 'quantity', 'figure', 'machine_info', 'peak_rss_gb', 'in_fresh_process', 'Timer',
-           'bench_stage2_step', 'bench_bank_logits', 'bench_stage2_epoch', 'clustered_features',
+__all__ = ['PREDICTIONS', 'FAMILY_SPECS', 'BENCHMARKS', 'quantity', 'figure', 'machine_info', 'peak_rss_gb', 'in_fresh_process',
+           'Timer', 'bench_stage2_step', 'bench_bank_logits', 'bench_stage2_epoch', 'clustered_features',
            'dense_reference_sampling', 'bench_sampling', 'bench_extraction', 'bench_retrieval', 'bench_captioning',
-           'bench_search', 'bench_markdown', 'run_bench', 'BenchConfig']
+           'bench_search', 'bench_families', 'bench_markdown', 'run_bench', 'BenchConfig']
 
 # %% ../nbs/12_bench.ipynb #a0711ccb
 def quantity(what:str, # what was measured
@@ -130,6 +130,7 @@ PREDICTIONS = {
     "bank_logits/forward": "0.9 on a GPU (bf16); about 1 on a CPU", "bank_logits/loss": "0.5 (two products per chunk)",
     "search/hnsw_speed": "50x at 1M rows", "search/hnsw_recall": "0.9 at 1M rows", "search/ivf_speed": "6x at 1M rows",
     "search/ivf_recall": "1.0",
+    "families/step": "0.35 for open_clip, higher where pixels are read every step", "families/bank_share": "under 0.2",
 }
 
 # %% ../nbs/12_bench.ipynb #79d90d1a
@@ -498,10 +499,75 @@ def bench_search(quick:bool=False, # 20k rows instead of 100k and 1M
     return {"setup": {"rows": sizes, "dim": 128, "queries": 100, "threads": threads, "runs": {str(n): r for n, r in runs.items()}}, "figures": figures}
 
 
+# %% ../nbs/12_bench.ipynb #ee7c530b
+def _family_step_piece(spec:str, batch:int, bank_rows:int, reps:int, device:str, workdir:Path) -> dict:
+    "Median seconds of a stage-1 step, a stage-2 step and its bank loss for one model, through the `CIRFamily` interface only."
+    from PIL import Image
+    from spn4cir.bank import bank_loss
+    from spn4cir.models import load_model
+    from spn4cir.stage1 import QueryTargetNet, infonce_loss
+    from spn4cir.stage2 import build_banks, step_queries
+    torch.manual_seed(0); rng = np.random.default_rng(0)
+    model = load_model(spec, device=device)
+    folder = Path(workdir) / "family_steps" / spec.replace(":", "_").replace("/", "_"); folder.mkdir(parents=True, exist_ok=True)
+    files = {f"img{i}": folder / f"img{i}.png" for i in range(2 * batch)}
+    for i, path in enumerate(files.values()): Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    transform = model.image_transform()
+    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in files.values()]).to(device)
+    texts, tau = [_TEXTS[i % len(_TEXTS)] for i in range(batch)], 0.05
+    tokens, refs, targets = model.tokenize(texts), torch.arange(batch), torch.arange(batch, 2 * batch)
+    net = QueryTargetNet(model)
+    one = torch.optim.AdamW(model.set_trainable("both", temperature=False), lr=1e-7)
+    def stage1_step():
+        q, t = net(images, tokens.to(device), refs.to(device), targets.to(device))
+        loss = infonce_loss(q.float(), t.float(), tau); one.zero_grad(set_to_none=True); loss.backward(); one.step()
+    bank = build_banks(model, files, progress=False)
+    tiles = -(-bank_rows // len(bank))
+    bank.target_bank = F.normalize(bank.target_bank.repeat(tiles, *[1] * (bank.target_bank.ndim - 1))[:bank_rows]
+                                   + 0.1 * torch.randn(bank_rows, *bank.target_bank.shape[1:]), dim=-1).to(device)   # (M, [K,] D)
+    two = torch.optim.AdamW(model.freeze_image_side(), lr=1e-7)
+    def queries(): return step_queries(model, bank, refs, texts, transform)
+    def stage2_step():
+        loss = bank_loss(queries(), bank.target_bank, targets.to(device), tau); two.zero_grad(set_to_none=True); loss.backward(); two.step()
+    fixed = queries().detach()
+    def bank_part(): bank_loss(fixed.clone().requires_grad_(), bank.target_bank, targets.to(device), tau).backward()
+    model.cir_train()
+    timings = {}
+    for name, fn in (("stage1", stage1_step), ("stage2", stage2_step), ("bank", bank_part)):
+        fn(); times = []                                                                     # warm-up, then timed
+        for _ in range(reps):
+            with Timer() as t: fn()
+            _sync(); times.append(t.wall)
+        timings[name] = _median(times)
+    return {"family": model.family, "target_vectors": int(bank.target_bank.shape[1]) if bank.target_bank.ndim == 3 else 1,
+            "caches_reference": model.caches_reference, **timings}
+
+
+# %% ../nbs/12_bench.ipynb #100f1a6d
+FAMILY_SPECS = ("spn-tiny-rn", "spn-tiny-blip2", "spn-tiny-mllm")   # one tiny model per family
+
+def bench_families(quick:bool=False, # a 2,000-row bank instead of 20,000
+                   device:str="cpu", # where the steps run
+                   workdir:Path|None=None # scratch folder for the step images
+                  ) -> dict:
+    "Stage-2 step against stage-1 step, and the bank's share of the stage-2 step, for each family's tiny model."
+    batch, rows, reps = 32, (2_000 if quick else 20_000), 5
+    work, figures, runs = Path(workdir or tempfile.mkdtemp()), [], {}
+    for spec in FAMILY_SPECS:
+        _log(f"families: {spec}, batch {batch}, bank {rows:,} rows")
+        runs[spec] = r = _family_step_piece(spec, batch, rows, reps, device, work)
+        figures += [figure(f"{r['family']}: stage-2 step / stage-1 step", quantity(f"stage-2 step, bank {rows:,} x K = {r['target_vectors']}", r["stage2"], "s"),
+                           quantity("stage-1 step", r["stage1"], "s"), None, PREDICTIONS["families/step"],
+                           f"{spec}, batch {batch}, median of {reps}" + ("" if r["caches_reference"] else "; no cached reference state: pixels every step")),
+                    figure(f"{r['family']}: bank loss / stage-2 step", quantity("bank loss forward + backward", r["bank"], "s"),
+                           quantity("stage-2 step", r["stage2"], "s"), None, PREDICTIONS["families/bank_share"])]
+    return {"setup": {"batch": batch, "bank_rows": rows, "reps": reps, "runs": runs}, "figures": figures}
+
+
 # %% ../nbs/12_bench.ipynb #979803ee
 BENCHMARKS:dict[str, Callable] = {"stage2_step": bench_stage2_step, "bank_logits": bench_bank_logits, "stage2_epoch": bench_stage2_epoch, "sampling": bench_sampling,
                                   "extraction": bench_extraction, "retrieval": bench_retrieval, "captioning": bench_captioning,
-                                  "search": bench_search}
+                                  "search": bench_search, "families": bench_families}
 
 def _command_line(name:str, quick:bool) -> str: return f"spn4cir bench --only {name}" + (" --quick" if quick else "")
 
