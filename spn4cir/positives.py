@@ -22,10 +22,10 @@ from .evaluate import target_ranks
 from .models import load_model
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'FORMAT_TEMPLATES', 'REMOVAL_TEMPLATE', 'Window', 'parse_window', 'excluded_rows', 'sample_exact',
-           'sample_approx', 'sample_uniform', 'sampled_ranks', 'rank_accuracy', 'embed_images', 'parse_templates',
-           'token_counter', 'clean_caption', 'caption_difference', 'text_options', 'template_choice', 'compose_texts',
-           'positive_triplets', 'PositivesConfig', 'generate_positives']
+__all__ = ['RANK_TOLERANCE', 'TEMPLATES', 'FORMAT_TEMPLATES', 'REMOVAL_TEMPLATE', 'Window', 'parse_window', 'excluded_rows',
+           'sample_exact', 'sample_approx', 'sample_uniform', 'sampled_ranks', 'rank_accuracy', 'embed_images',
+           'parse_templates', 'token_counter', 'clean_caption', 'caption_difference', 'text_options', 'template_choice',
+           'compose_texts', 'positive_triplets', 'PositivesConfig', 'generate_positives']
 
 # %% ../nbs/05_positives.ipynb #5a9e9748
 _RANK = re.compile(r"\d+")
@@ -469,6 +469,15 @@ def sampled_ranks(features, # (N, D) image embeddings
              for j in range(targets.shape[1])]
     return np.stack(ranks, axis=1) if ranks else np.zeros((len(refs), 0))
 
+RANK_TOLERANCE = 1e-5   # scores this close to a target's count as tied with it (float32 products of unit rows differ by ~1e-7 between kernels)
+
+def _tie_explains(x:torch.Tensor, ref:int, target:int, excluded:np.ndarray, a:int, stop:int) -> bool:
+    "Whether a rank in `[a, stop)` is consistent with the target's scores up to `RANK_TOLERANCE` (a tie, or another kernel's rounding)."
+    scores = x[ref] @ x.T                                                                        # (N,)
+    own = scores[target].item()
+    scores[torch.as_tensor(np.append(excluded[excluded >= 0], target), device=x.device)] = -torch.inf
+    return int((scores > own + RANK_TOLERANCE).sum()) < stop and int((scores >= own - RANK_TOLERANCE).sum()) >= a
+
 def rank_accuracy(features, # (N, D) image embeddings
                   references, # (R,) reference rows
                   targets, # (R, k) sampled target rows
@@ -478,17 +487,24 @@ def rank_accuracy(features, # (N, D) image embeddings
                   seed:int=0, # which subset
                   device=None # None: where the features are
                  ) -> dict:
-    "Share of sampled targets whose exact rank is inside the window, on up to `n_check` references."
+    "Share of sampled targets whose exact rank is inside the window (ties and rounding within `RANK_TOLERANCE` either way), on up to `n_check` references."
     refs = np.asarray(references, dtype=np.int64).reshape(-1)
     targets = np.asarray(targets, dtype=np.int64).reshape(len(refs), -1)
     n = len(features)
     chosen = np.sort(np.random.default_rng(int(_purpose_seed(seed, "check"))).choice(len(refs), min(n_check, len(refs)), replace=False))
-    pools = n - (excluded_rows(groups, refs[chosen], n) >= 0).sum(axis=1)
+    excluded = excluded_rows(groups, refs[chosen], n)
+    pools = n - (excluded >= 0).sum(axis=1)
     a, b = parse_window(window).resolve(int(pools.max()) if len(chosen) else n - 1)
     ranks = sampled_ranks(features, refs[chosen], targets[chosen], groups, device=device)
-    inside = (ranks >= a) & (ranks < np.minimum(b, pools)[:, None])
+    stops = np.minimum(b, pools)
+    inside = (ranks >= a) & (ranks < stops[:, None])
+    if not inside.all():                                                                         # recheck the few outside for ties
+        x = _unit_rows(features, device)
+        for i, j in zip(*np.nonzero(~inside)):
+            inside[i, j] = _tie_explains(x, int(refs[chosen][i]), int(targets[chosen][i, j]), excluded[i], a, int(stops[i]))
     return {"window": [a, b], "checked_references": len(chosen), "checked_targets": int(inside.size),
             "share_inside": float(inside.mean()) if inside.size else 1.0, "ranks": ranks}
+
 
 # %% ../nbs/05_positives.ipynb #f654713c
 def embed_images(model, # a `CIRFamily` (its `image_transform` and `encode_targets`; K > 1 target vectors are averaged)
