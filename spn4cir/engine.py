@@ -23,7 +23,7 @@ __all__ = ['OPTIMIZER_FILE', 'STATE_FILE', 'SCHEDULES', 'stream_seed', 'rng_stre
            'check_resume', 'RunFiles', 'file_names', 'save_train_state', 'find_train_state', 'read_train_state',
            'load_train_state', 'open_run', 'distributed', 'distributed_run', 'ddp_wrap', 'lr_factor', 'validate_cir',
            'cir_validation', 'cir_train_mode', 'TrainJob', 'stage_record', 'Plan', 'train_epoch', 'draw_curve',
-           'run_epochs']
+           'since_best', 'stalled', 'run_epochs']
 
 # %% ../nbs/03a_engine.ipynb #ea9e4f82
 def stream_seed(seed:int, # the run's seed
@@ -392,6 +392,7 @@ def _finish_epoch(job:TrainJob, plan:Plan, history:list[dict], epoch:int, losses
     if _improves(job, record, history):
         save_checkpoint(job.model, plan.files.out, extra_config=job.checkpoint_extra(plan.settings, record, history + [record]))
     history = history + [record]
+    if plan.settings.get("patience") is not None: record["since_best"] = since_best(history)
     save_train_state(plan.files.out, job.model, plan.optimizer, plan.scheduler, plan.scaler,
                      {"format": 2, "job": job.name, "settings": plan.settings, "history": history}, plan.files.state)
     append_jsonl(plan.files.history, [record])
@@ -401,15 +402,29 @@ def _finish_epoch(job:TrainJob, plan:Plan, history:list[dict], epoch:int, losses
                    + (f", val {score:.2f}" if score is not None else "") + f" ({seconds:.1f} s)")
     return history
 
+# %% ../nbs/03a_engine.ipynb #2a00044d
+def since_best(history:list[dict] # the run's records, epoch 0 first
+              ) -> int:
+    "Epochs since the best validation score (0 when the last epoch is the best; ties keep the earlier epoch, as the best checkpoint does)."
+    scores = [(h["score"], -i) for i, h in enumerate(history) if h.get("score") is not None]
+    return 0 if not scores else len(history) - 1 + max(scores)[1]
+
+def stalled(history:list[dict], # the run's records, epoch 0 first
+            patience:int|None # stop after this many epochs without a better validation score; None: never
+           ) -> bool:
+    "Whether early stopping ends the run now: `patience` epochs have passed without a better score than the best one."
+    return patience is not None and len(history) > 1 and since_best(history) >= patience
+
 # %% ../nbs/03a_engine.ipynb #8cff0dd7
 def run_epochs(job:TrainJob, # the job
                plan:Plan, # how it runs
                state:Path|None # the state folder to resume from (`open_run`), or None
               ) -> list[dict]:
-    "Train `job` up to `plan.settings['epochs']`; the history, epoch 0 (the start) first."
+    "Train `job` up to `plan.settings['epochs']` (fewer when `patience` stops it); the history, epoch 0 (the start) first."
     history = _start(job, plan, state)
     seed = plan.settings["seed"]
     for epoch in range(len(history), plan.settings["epochs"] + 1):
+        if stalled(history, plan.settings.get("patience")): break
         torch.manual_seed(stream_seed(seed, "dropout", epoch, plan.rank))
         job.train_mode()
         started = time.perf_counter()

@@ -247,7 +247,8 @@ class Stage1Config(Config):
     extra:str|None = None # generated triplets in the dataset's train schema, appended after the human ones
     no_human:bool = False # train on the generated triplets alone (zero-shot setting)
     extra_ratio:float|None = None # at most this many generated triplets per human one each epoch; None: all
-    epochs:int = 10 # passes over the training triplets
+    epochs:int = 10 # passes over the training triplets (with `patience`: the most it runs)
+    patience:int|None = None # stop when validation has not improved for this many epochs (None: train every epoch)
     batch_size:int = 128 # global contrastive batch (split over processes)
     lr:float = 2e-6 # AdamW peak learning rate
     tau:float = 0.01 # temperature (CLIP4Cir: logit scale 100)
@@ -274,6 +275,7 @@ class Stage1Config(Config):
 
     def check(self):
         check_cir_fields(self); check_count(self, "batch_size", 2); check_count(self, "accum")
+        check_count(self, "patience", optional=True)
         check_number(self, "cache_gb", 0); check_number(self, "ratio", 1)
         check_number(self, "warmup", 0)
         if self.warmup >= 1: raise SpnError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
@@ -359,5 +361,5 @@ def train_stage1(config:Stage1Config, # the run's settings
         history = run_epochs(job, Plan(settings, files, optimizer, scheduler, dev, dtype, rank, world, progress), state)
         best = max(history, key=lambda h: h["score"])
         return {"out": str(out), "best_epoch": best["epoch"], "best_score": best["score"], "start_score": history[0]["score"],
-                "history": history, "triplets": len(tset), "generated": int(tset.generated.sum()), "images_cached": cached,
+                "epochs_run": history[-1]["epoch"], "stopped_early": history[-1]["epoch"] < config.epochs, "history": history, "triplets": len(tset), "generated": int(tset.generated.sum()), "images_cached": cached,
                 "world_size": world}

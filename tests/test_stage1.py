@@ -239,3 +239,26 @@ def test_validation_uses_the_stages_transform_and_protocol_like_eval(world, tmp_
     split = load_dataset(world["cirr"], "cirr", "val")["all"]
     assert run["history"][0]["metrics"] == metrics_of({"all": encode_split(model, split, transform_kind="resize", progress=False)}, "cirr")
     assert read_json(tmp_path/"r"/"settings.json")["kind"] == "resize"
+
+
+# ---------------------------------------------------------------- early stopping
+
+def test_patience_stops_when_validation_stalls_and_keeps_the_best_epoch(world, tmp_path, monkeypatch):
+    "Scores 10, 12, 11, 11, ...: with patience 2 the run ends after epoch 3 of 6; the checkpoint is epoch 1; a resume trains no more."
+    scores = iter([10.0, 12.0, 11.0, 11.0, 20.0, 20.0, 20.0])
+    monkeypatch.setattr(stage1, "validate_cir", lambda model, config: ({"avg": (s := next(scores))}, s))
+    run = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"p", **(RUN | {"epochs": 6, "patience": 2}))
+    assert [h["epoch"] for h in run["history"]] == [0, 1, 2, 3] and run["epochs_run"] == 3 and run["stopped_early"]
+    assert [h.get("since_best") for h in run["history"]] == [None, 0, 1, 2]
+    assert run["best_epoch"] == 1 and read_json(tmp_path/"p"/"config.json")["extra"]["stage1"]["epoch"] == 1
+    assert [h["epoch"] for h in read_jsonl(tmp_path/"p"/HISTORY_FILE)] == [0, 1, 2, 3]
+    again = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"p", resume=True, **(RUN | {"epochs": 6, "patience": 2}))
+    assert [h["epoch"] for h in again["history"]] == [0, 1, 2, 3] and next(scores) == 20.0   # no epoch validated again
+
+
+def test_without_patience_every_epoch_runs(world, tmp_path, monkeypatch):
+    scores = iter([10.0, 9.0, 8.0, 7.0])
+    monkeypatch.setattr(stage1, "validate_cir", lambda model, config: ({"avg": (s := next(scores))}, s))
+    run = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"n", **(RUN | {"epochs": 3}))
+    assert run["epochs_run"] == 3 and not run["stopped_early"] and "since_best" not in run["history"][-1]
+    with pytest.raises(SpnError, match="patience"): Stage1Config("d", "cirr", "m", "o", patience=0)
