@@ -27,7 +27,7 @@ from .stage1 import TrainingSet, check_cir_fields, epoch_order, train_text, trai
 # %% auto #0
 __all__ = ['EXTRA_PREFIX', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'bank_cache_key', 'ImageBank', 'build_banks',
            'read_extra_negatives', 'train_bank_images', 'freeze_image_side', 'bank_queries', 'step_queries',
-           'score_gaps', 'bank_rows', 'Stage2Config', 'train_stage2']
+           'score_gaps', 'bank_rows', 'Stage2Config', 'in_batch_loss', 'train_stage2']
 
 # %% ../nbs/07_stage2.ipynb #87bfb7b4
 def bank_cache_key(model:torch.nn.Module, # the `CIRModel` whose image tower encodes the bank
@@ -234,6 +234,7 @@ class Stage2Config(Config):
     out:str # run folder: the best checkpoint, history, curve, resume state and bank cache
     extra:str|None = None # generated triplets in the dataset's train schema (SPN: positives too)
     neg_num:int|None = None # None: the whole bank; N: N random negatives per query
+    in_batch:bool = False # negatives: only the batch's own targets (their bank rows), a control for the bank's effect
     extra_negatives:str|None = None # folder or list file of unlabeled images, bank negatives only
     extra_ratio:float|None = None # at most this many generated triplets per human one each epoch; None: all
     reference_negatives:bool = True # the query's own reference is one of its negatives (the reference code); False masks it
@@ -263,10 +264,24 @@ class Stage2Config(Config):
     def check(self):
         check_cir_fields(self); check_count(self, "batch_size"); check_count(self, "chunk_size")
         check_count(self, "neg_num", optional=True)
+        if self.in_batch and (self.neg_num is not None or self.extra_negatives is not None):
+            raise SpnError("in_batch=True uses the batch's targets only: leave neg_num and extra_negatives unset")
 
     def changeable(self) -> tuple[str, ...]:
         "Settings a resumed run may change (the learning rate is constant, so the epochs may grow)."
         return ("resume", "device", "workers", "eval_batch_size", "epochs", "cache_dir", "chunk_size", "bank_dtype")
+
+# %% ../nbs/07_stage2.ipynb #78126382
+def in_batch_loss(queries:torch.Tensor, # (B, D) unit queries
+                  target_bank:torch.Tensor, # (M, D) or (M, K, D) unit bank rows (`ImageBank.target_bank`)
+                  targets:torch.Tensor, # (B,) the bank row of each query's target
+                  tau:float # temperature
+                 ) -> torch.Tensor:
+    "InfoNCE of each query against the targets of its own batch only (bank rows of the batch; a target the batch holds twice is no negative of itself)."
+    from spn4cir.stage1 import infonce_loss
+    targets = targets.to(target_bank.device)
+    rows = target_bank[targets].float()
+    return infonce_loss(queries.float(), rows.to(queries.device), tau, groups=targets.to(queries.device))
 
 # %% ../nbs/07_stage2.ipynb #b66b4b72
 HISTORY_FILE, CURVE_FILE, STATE_DIR = file_names("stage2")
@@ -291,6 +306,7 @@ class _Stage2Job(TrainJob):
     def step(self, batch) -> torch.Tensor:
         idx, texts = batch
         queries = step_queries(self.model, self.bank, self.ref_rows[idx], texts, self.transform)
+        if self.config.in_batch: return in_batch_loss(queries, self.bank.target_bank, self.target_rows[idx], self.config.tau)
         return bank_loss(queries, self.bank.target_bank, self.target_rows[idx], self.config.tau, neg_num=self.config.neg_num,
                          chunk_size=self.config.chunk_size, generator=self.negatives,
                          exclude=None if self.config.reference_negatives else self.ref_rows[idx])

@@ -255,3 +255,32 @@ def test_a_bfloat16_bank_trains_close_to_the_float32_one(shapes, tmp_path):
     assert (full["bank_dtype"], half["bank_dtype"]) == ("float32", "bfloat16")
     first = lambda run: run["history"][1]["train_loss"]
     assert first(half) != first(full) and abs(first(half) - first(full)) < 0.02 * abs(first(full))
+
+
+# ---------------------------------------------------------------- the in-batch control
+
+def test_in_batch_control_trains_like_stage_2_against_the_batch_targets_only(shapes, tmp_path, monkeypatch):
+    "in_batch=True: frozen image side and the same schedule, but negatives are the batch's targets (a smaller loss than the bank's)."
+    config = dict(FAST, epochs=2)
+    bank_run = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "bank", **config)
+    def no_bank(*a, **k): raise AssertionError("the in-batch control scored the bank")
+    monkeypatch.setattr(stage2, "bank_loss", no_bank)
+    run = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "inb", in_batch=True, **config)
+    assert [h["epoch"] for h in run["history"]] == [0, 1, 2] and [h["steps"] for h in run["history"]] == [h["steps"] for h in bank_run["history"]]
+    start, last = load_model(shapes / "start").state_dict(), load_checkpoint(find_train_state(tmp_path / "inb", STATE_DIR)).state_dict()
+    assert _states_equal(start, last, "backbone.visual.") and not _states_equal(start, last, "backbone.transformer.")
+    assert all(a["train_loss"] < b["train_loss"] for a, b in zip(run["history"][1:], bank_run["history"][1:]))
+    monkeypatch.undo()
+    # one step by hand: the same queries, the bank's logsumexp over every row against the batch's over its own targets
+    net = load_model(shapes / "start"); splits = load_dataset(shapes / "data", "cirr", "train")
+    bank = build_banks(net, train_bank_images(splits, splits["all"].triplets), progress=False)
+    tset = training_set(shapes / "data", "cirr", progress=False)
+    refs, targets = bank_rows(tset.triplets, bank.rows)
+    idx = torch.arange(8)
+    with torch.no_grad():
+        q = stage2.step_queries(net, bank, refs[idx], [t.texts[0] for t in tset.triplets[:8]])
+        inb = stage2.in_batch_loss(q, bank.target_bank, targets[idx], 0.05)
+        full = stage2.bank_loss(q, bank.target_bank, targets[idx], 0.05)
+    assert len(bank) > len(set(targets[idx].tolist())) and inb < full
+    with pytest.raises(SpnError, match="in_batch=True"):
+        Stage2Config("d", "cirr", "m", "o", in_batch=True, neg_num=4)
