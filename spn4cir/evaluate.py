@@ -16,12 +16,14 @@ from .core import SpnError, write_json
 
 # %% auto #0
 __all__ = ['CIRR_KS', 'CIRR_SUBSET_KS', 'FASHIONIQ_KS', 'FASHIONIQ_PROTOCOLS', 'CIRCO_KS', 'GENECIS_KS', 'HEADLINES',
-           'BENCHMARK_FORMATS', 'target_ranks', 'topk_retrieval', 'cirr_metrics', 'fashioniq_metrics',
-           'fashioniq_average', 'cirr_submission', 'write_cirr_submission', 'circo_ranking_metrics', 'circo_metrics',
-           'circo_submission', 'write_circo_submission', 'genecis_metrics', 'genecis_ranking_metrics', 'query_text',
-           'SplitFeatures', 'encode_gallery', 'encode_images', 'query_features', 'encode_split', 'metrics_of',
-           'headline_score', 'evaluate_model', 'submit_cirr', 'ScoreConfig', 'score_predictions', 'evaluate_circo',
-           'evaluate_genecis', 'parse_data', 'metrics_table', 'EvalConfig', 'evaluate', 'SubmitConfig', 'submit']
+           'BENCHMARK_FORMATS', 'target_ranks', 'topk_retrieval', 'cirr_ranks', 'cirr_metrics', 'fashioniq_ranks',
+           'fashioniq_metrics', 'fashioniq_average', 'cirr_submission', 'write_cirr_submission',
+           'circo_ranking_metrics', 'circo_metrics', 'circo_submission', 'write_circo_submission', 'genecis_metrics',
+           'genecis_ranking_metrics', 'query_text', 'SplitFeatures', 'encode_gallery', 'encode_images',
+           'query_features', 'encode_split', 'metrics_of', 'headline_score', 'evaluate_model', 'query_ranks',
+           'query_scores', 'headline_of', 'evaluate_ranks', 'submit_cirr', 'ScoreConfig', 'score_predictions',
+           'evaluate_circo', 'evaluate_genecis', 'parse_data', 'metrics_table', 'EvalConfig', 'evaluate',
+           'SubmitConfig', 'submit']
 
 # %% ../nbs/08_evaluation.ipynb #1852ddb4
 def _unit_features(feats, # (N, D) torch tensor or numpy array; (N, K, D) too when `multi`
@@ -213,6 +215,25 @@ def _recall(ranks:torch.Tensor, # 0-based ranks, inf for never retrieved
     "Percentage of ranks below k."
     return 100.0 * int((ranks < k).sum()) / len(ranks)
 
+def cirr_ranks(query_feats, # (Q, D) composed query features
+               gallery_feats, # (G, D) features of every image of the split
+               gallery_names:Sequence[str], # G unique image names, in gallery row order
+               reference_names:Sequence[str], # per query, its reference image (removed from its ranking)
+               target_names:Sequence[str], # per query, its target_hard image
+               group_members:Sequence[Sequence[str]], # per query, img_set.members (the reference may be among them)
+               chunk_size:int=256, # queries scored at once
+               device:str|torch.device|None=None, # None: where query_feats live (CPU for numpy)
+               dtype:torch.dtype=torch.float32 # score precision
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    "Each query's 0-based target rank in the gallery and in its image group (float64; inf: never retrieved), as `cirr_metrics` counts them."
+    q = _unit_features(query_feats, "query_feats", dtype, device)
+    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device, multi=True)
+    _check_shapes(q, g)
+    index = _name_index(gallery_names, len(g))
+    refs = _rows_of(index, reference_names, "reference", len(q))
+    targets = _rows_of(index, target_names, "target", len(q))
+    return _rank_chunks(q, g, targets, refs[:, None], _subset_rows(index, group_members, refs), chunk_size)
+
 def cirr_metrics(query_feats, # (Q, D) composed query features
                  gallery_feats, # (G, D) features of every image of the split
                  gallery_names:Sequence[str], # G unique image names, in gallery row order
@@ -224,13 +245,8 @@ def cirr_metrics(query_feats, # (Q, D) composed query features
                  dtype:torch.dtype=torch.float32 # score precision
                 ) -> dict[str, float]:
     "CIRR `R@1/5/10/50`, `Rs@1/2/3` and `avg = (R@5 + Rs@1) / 2`, in percent."
-    q = _unit_features(query_feats, "query_feats", dtype, device)
-    g = _unit_features(gallery_feats, "gallery_feats", dtype, q.device, multi=True)
-    _check_shapes(q, g)
-    index = _name_index(gallery_names, len(g))
-    refs = _rows_of(index, reference_names, "reference", len(q))
-    targets = _rows_of(index, target_names, "target", len(q))
-    ranks, subset_ranks = _rank_chunks(q, g, targets, refs[:, None], _subset_rows(index, group_members, refs), chunk_size)
+    ranks, subset_ranks = cirr_ranks(query_feats, gallery_feats, gallery_names, reference_names, target_names, group_members,
+                                     chunk_size, device, dtype)
     out = {f"R@{k}": _recall(ranks, k) for k in CIRR_KS} | {f"Rs@{k}": _recall(subset_ranks, k) for k in CIRR_SUBSET_KS}
     out["avg"] = (out["R@5"] + out["Rs@1"]) / 2
     return out
@@ -238,17 +254,17 @@ def cirr_metrics(query_feats, # (Q, D) composed query features
 # %% ../nbs/08_evaluation.ipynb #af94d1aa
 FASHIONIQ_PROTOCOLS = ("original", "no-reference", "val-triplets")
 
-def fashioniq_metrics(query_feats, # (Q, D) composed query features of one category
-                      gallery_feats, # (G, D) features of every image of split.<cat>.val.json
-                      gallery_names:Sequence[str], # G unique image names, in gallery row order
-                      target_names:Sequence[str], # per query, its target image
-                      reference_names:Sequence[str]|None=None, # per query, its reference (candidate) image
-                      protocol:str="original", # 'original' | 'no-reference' | 'val-triplets' (see the table above)
-                      chunk_size:int=256, # queries scored at once
-                      device:str|torch.device|None=None, # None: where query_feats live (CPU for numpy)
-                      dtype:torch.dtype=torch.float32 # score precision
-                     ) -> dict[str, float]:
-    "FashionIQ `R@10` and `R@50` (percent) of one category under `protocol`."
+def fashioniq_ranks(query_feats, # (Q, D) composed query features of one category
+                    gallery_feats, # (G, D) features of every image of split.<cat>.val.json
+                    gallery_names:Sequence[str], # G unique image names, in gallery row order
+                    target_names:Sequence[str], # per query, its target image
+                    reference_names:Sequence[str]|None=None, # per query, its reference (candidate) image
+                    protocol:str="original", # 'original' | 'no-reference' | 'val-triplets' (see the table above)
+                    chunk_size:int=256, # queries scored at once
+                    device:str|torch.device|None=None, # None: where query_feats live (CPU for numpy)
+                    dtype:torch.dtype=torch.float32 # score precision
+                   ) -> torch.Tensor:
+    "Each query's 0-based target rank (float64; inf: excluded) under `protocol`, as `fashioniq_metrics` counts them."
     if protocol not in FASHIONIQ_PROTOCOLS: raise SpnError(f"unknown FashionIQ protocol {protocol!r}, use one of {list(FASHIONIQ_PROTOCOLS)}")
     if protocol != "original" and reference_names is None: raise SpnError(f"protocol {protocol!r} needs reference_names")
     q = _unit_features(query_feats, "query_feats", dtype, device)
@@ -263,7 +279,20 @@ def fashioniq_metrics(query_feats, # (Q, D) composed query features of one categ
     index = _name_index(names, len(g))
     targets = _rows_of(index, target_names, "target", len(q))
     excluded = _rows_of(index, reference_names, "reference", len(q))[:, None] if protocol == "no-reference" else _exclusions(None, len(q), len(g))
-    ranks, _ = _rank_chunks(q, g, targets, excluded, None, chunk_size)
+    return _rank_chunks(q, g, targets, excluded, None, chunk_size)[0]
+
+def fashioniq_metrics(query_feats, # (Q, D) composed query features of one category
+                      gallery_feats, # (G, D) features of every image of split.<cat>.val.json
+                      gallery_names:Sequence[str], # G unique image names, in gallery row order
+                      target_names:Sequence[str], # per query, its target image
+                      reference_names:Sequence[str]|None=None, # per query, its reference (candidate) image
+                      protocol:str="original", # 'original' | 'no-reference' | 'val-triplets' (see the table above)
+                      chunk_size:int=256, # queries scored at once
+                      device:str|torch.device|None=None, # None: where query_feats live (CPU for numpy)
+                      dtype:torch.dtype=torch.float32 # score precision
+                     ) -> dict[str, float]:
+    "FashionIQ `R@10` and `R@50` (percent) of one category under `protocol`."
+    ranks = fashioniq_ranks(query_feats, gallery_feats, gallery_names, target_names, reference_names, protocol, chunk_size, device, dtype)
     return {f"R@{k}": _recall(ranks, k) for k in FASHIONIQ_KS}
 
 # %% ../nbs/08_evaluation.ipynb #9b1d55d5
@@ -648,6 +677,68 @@ def evaluate_model(model, # a `CIRModel`, a checkpoint folder or an open_clip sp
     metrics = metrics_of(features, format, protocol)
     if out is not None: write_json(out, metrics)
     return metrics
+
+# %% ../nbs/08_evaluation.ipynb #2f978b05
+def _rank_list(ranks:torch.Tensor) -> list[int|None]:
+    "0-based ranks as JSON-ready ints, None for a target never retrieved."
+    return [None if r == float("inf") else int(r) for r in ranks.tolist()]
+
+def query_ranks(features:dict[str, SplitFeatures], # category -> encoded split ("all" for CIRR and jsonl), as `metrics_of` takes them
+                format:str, # "fashioniq", "cirr" or "jsonl"
+                protocol:str="original" # FashionIQ protocol (see `fashioniq_metrics`)
+               ) -> dict[str, dict[str, list[int|None]]]:
+    "Per category, each query's 0-based target `rank` (CIRR and grouped jsonl: also `subset_rank`), in query order; None: never retrieved."
+    out = {}
+    for cat, f in features.items():
+        if any(t is None for t in f.target_names): raise SpnError(f"{format} split {cat!r} has queries without targets: no ranks to give")
+        if format == "fashioniq":
+            out[cat] = {"rank": _rank_list(fashioniq_ranks(f.queries, f.gallery, f.gallery_names, f.target_names, f.reference_names, protocol))}
+        elif format == "cirr" or all(m for m in f.group_members):
+            ranks, subset = cirr_ranks(f.queries, f.gallery, f.gallery_names, f.reference_names, f.target_names, f.group_members)
+            out[cat] = {"rank": _rank_list(ranks), "subset_rank": _rank_list(subset)}
+        else:
+            index = _name_index(f.gallery_names, len(f.gallery))
+            exclude = _rows_of(index, f.reference_names, "reference", len(f.queries))
+            out[cat] = {"rank": _rank_list(target_ranks(f.queries, f.gallery, _rows_of(index, f.target_names, "target", len(f.queries)), exclude))}
+    return out
+
+# %% ../nbs/08_evaluation.ipynb #f6995079
+def _below(ranks:list[int|None], k:int) -> np.ndarray:
+    return np.array([r is not None and r < k for r in ranks], dtype=float)
+
+def query_scores(ranks:dict[str, dict[str, list]], # from `query_ranks`
+                 format:str # "fashioniq", "cirr" or "jsonl"
+                ) -> dict[str, np.ndarray]:
+    "Per category, each query's share of the headline score (FashionIQ `Rmean`, CIRR `avg`, else `R@10`), in percent."
+    out = {}
+    for cat, r in ranks.items():
+        if format == "fashioniq": out[cat] = 50.0 * (_below(r["rank"], 10) + _below(r["rank"], 50))
+        elif "subset_rank" in r: out[cat] = 50.0 * (_below(r["rank"], 5) + _below(r["subset_rank"], 1))
+        else: out[cat] = 100.0 * _below(r["rank"], 10)
+    return out
+
+def headline_of(scores:dict[str, np.ndarray], # from `query_scores`
+                resample:dict[str, np.ndarray]|None=None # per category, the query rows to average (a bootstrap draw); None: all
+               ) -> float:
+    "The headline score from per-query shares: the mean over categories of each category's mean (over `resample`'s rows)."
+    return float(np.mean([s.mean() if resample is None else s[resample[cat]].mean() for cat, s in scores.items()]))
+
+# %% ../nbs/08_evaluation.ipynb #701fc925
+def evaluate_ranks(model, # a `CIRModel`, a checkpoint folder or an open_clip spec
+                   root:str|os.PathLike, # dataset folder (official layout)
+                   format:str, # "fashioniq", "cirr" or "jsonl"
+                   split:str="val", # the split to score
+                   protocol:str="original", # FashionIQ protocol
+                   batch_size:int=64, # images or queries per forward pass
+                   device:str|None=None, # where to run (default: the model's device; CUDA when loading a spec)
+                   precision:str|None=None, # 'fp32', 'bf16', 'fp16' (default: automatic)
+                   progress:bool=True # show progress bars
+                  ) -> tuple[dict, dict]:
+    "`evaluate_model`'s metrics and, from the same encoding, `query_ranks` (per-query ranks for paired comparisons)."
+    splits = load_dataset(root, format, split)
+    model = _as_model(model, device)
+    features = {cat: encode_split(model, s, batch_size, None, precision, progress=progress) for cat, s in splits.items()}
+    return metrics_of(features, format, protocol), query_ranks(features, format, protocol)
 
 # %% ../nbs/08_evaluation.ipynb #671213f4
 def submit_cirr(model, # a `CIRModel`, a checkpoint folder or an open_clip spec

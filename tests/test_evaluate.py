@@ -1,4 +1,5 @@
 """Tests of spn4cir.evaluate against a brute-force reference (full score matrix, Python sorts and loops)."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -434,3 +435,26 @@ def test_genecis_metrics_equal_official_recall(seed):
     order = torch.einsum("td,tcd->tc", q, c).argsort(dim=1, descending=True)
     ranked = [[names[t][j] for j in order[t].tolist()] for t in range(200)]
     assert genecis_ranking_metrics(ranked, names) == pytest.approx(ours, abs=1e-9)
+
+
+# ---------------------------------------------------------------- per-query ranks
+
+def test_query_ranks_give_the_metrics_and_the_headline():
+    "On random features: recall from query_ranks equals the metrics, and the per-query shares average to headline_score."
+    from spn4cir.evaluate import SplitFeatures, headline_of, headline_score, metrics_of, query_ranks, query_scores
+    gen = torch.Generator().manual_seed(1)
+    names = [f"i{k}" for k in range(40)]
+    def split(n_q):
+        refs = [names[int(i)] for i in torch.randint(0, 40, (n_q,), generator=gen)]
+        tgts = [names[(names.index(r) + 1 + int(i)) % 40] for r, i in zip(refs, torch.randint(0, 5, (n_q,), generator=gen))]
+        groups = [[t, names[(names.index(t) + 1) % 40], names[(names.index(t) + 2) % 40]] for t in tgts]
+        return SplitFeatures(torch.randn(40, 8, generator=gen), names, torch.randn(n_q, 8, generator=gen), refs, tgts, groups, [None] * n_q)
+    cirr, fiq = {"all": split(30)}, {"a": split(20), "b": split(11)}
+    for fmt, fs in (("cirr", cirr), ("fashioniq", fiq)):
+        ranks, metrics = query_ranks(fs, fmt), metrics_of(fs, fmt)
+        assert abs(headline_of(query_scores(ranks, fmt)) - headline_score(metrics)) < 1e-9
+    r = query_ranks(cirr, "cirr")["all"]
+    assert abs(100 * sum(x is not None and x < 10 for x in r["rank"]) / 30 - metrics_of(cirr, "cirr")["R@10"]) < 1e-9
+    assert all(x is None or x < 3 for x in r["subset_rank"]) and any(x == 2 for x in r["subset_rank"])   # a group of 3: ranks 0..2
+    with pytest.raises(SpnError, match="without targets"):
+        query_ranks({"all": dataclasses.replace(cirr["all"], target_names=[None] * 30)}, "cirr")
