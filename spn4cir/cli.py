@@ -11,6 +11,7 @@ import torch
 from fastcore.docments import docments
 
 from .core import Config, SpnError, output_lock, pick_device, read_settings
+from .ablate import AblateConfig, run_ablation
 from .bench import BenchConfig, run_bench
 from .caption import CaptionConfig, caption_dataset
 from .evaluate import EvalConfig, ScoreConfig, SubmitConfig, evaluate, score_predictions, submit
@@ -183,6 +184,7 @@ COMMANDS:dict[str, Command|Choice] = {
     "train": Choice("stage", {1: Command(Stage1Config, train_stage1, "in-batch InfoNCE", drop=("history",)),
                               2: Command(Stage2Config, train_stage2, "static-bank InfoNCE", drop=("history",))},
                     "stage 1 (in-batch InfoNCE) or stage 2 (static-bank InfoNCE) training"),
+    "ablate": Command(AblateConfig, run_ablation, "the controlled, seeded SPN ablation (7 rows, paired intervals) on a FashionIQ or CIRR folder"),
     "eval": Command(EvalConfig, evaluate, "score a model on one or several benchmarks (--data FORMAT=ROOT ...) and print one table"),
     "score": Command(ScoreConfig, score_predictions, "score a ranking file of any codebase in the benchmark's submission format"),
     "submit": Command(SubmitConfig, submit, "write the CIRR or CIRCO test-server files of a model"),
