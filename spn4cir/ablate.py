@@ -4,7 +4,7 @@
 
 # %% ../nbs/10a_ablate.ipynb #ddd8207e
 from __future__ import annotations
-import dataclasses, json, math, os, sys, time
+import dataclasses, hashlib, json, math, os, sys, time
 from pathlib import Path
 from typing import ClassVar, Literal, NamedTuple
 
@@ -97,12 +97,13 @@ def bootstrap_delta(row:list[dict[str, np.ndarray]], # per seed, per category, e
 class AblateConfig(Config):
     "Settings of `run_ablation` (`spn4cir ablate`): the controlled, seeded SPN ablation on one dataset."
     job:ClassVar[str] = "ablate"
-    paths:ClassVar[tuple[str, ...]] = ("data", "model", "captions", "out")
+    paths:ClassVar[tuple[str, ...]] = ("data", "model", "captions", "extra", "out")
     data:str # dataset folder (FashionIQ or CIRR layout)
     format:Literal["fashioniq", "cirr"] # annotation format
     model:str # the pretrained model every row starts from: a checkpoint folder or an open_clip spec
     out:str # folder for the runs, the per-(row, seed) results, report.json, report.md and deltas.png
-    captions:str|None = None # captions.jsonl of the train images (spn4cir caption): +P and SPN need it; without it they are left out
+    captions:str|None = None # captions.jsonl of the train images (spn4cir caption): +P and SPN need it or --extra; without either they are left out
+    extra:str|None = None # generated triplets already made (spn4cir positives), instead of generating them from --captions
     seeds:int|list[int] = 1 # how many seeds (seed, seed + 1, ...), or (in Python or a settings file) the seeds themselves
     seed:int = 0 # the first seed
     max_epochs:int = 10 # baseline and +P: stage 1 runs at most this many epochs
@@ -112,6 +113,7 @@ class AblateConfig(Config):
     lr:float = 1e-4 # AdamW learning rate of both stages
     stage2_lr:float|None = None # stage 2's learning rate (None: lr)
     tau:float = 0.05 # temperature of both stages
+    stage2_tau:float|None = None # stage 2's temperature (None: tau)
     extra_ratio:float|None = 0.5 # +P and SPN: at most this many generated triplets per human one each epoch (None: all)
     window:str = "0.05:0.3" # generated positives: the rank window (spn4cir positives --window)
     k:int = 1 # generated positives: targets per reference
@@ -126,7 +128,9 @@ class AblateConfig(Config):
         for name in ("max_epochs", "patience", "epochs", "bootstrap", "k"): check_count(self, name)
         check_count(self, "batch_size", 2)
         for name in ("lr", "tau"): check_number(self, name, 0, above=True)
-        check_number(self, "stage2_lr", 0, above=True, optional=True); check_number(self, "extra_ratio", 0, optional=True)
+        check_number(self, "stage2_lr", 0, above=True, optional=True); check_number(self, "stage2_tau", 0, above=True, optional=True)
+        check_number(self, "extra_ratio", 0, optional=True)
+        if self.captions is not None and self.extra is not None: raise SpnError("give --captions (positives are generated) or --extra (already made), not both")
         seeds_of(self)
 
 def seeds_of(config:AblateConfig # the settings
@@ -155,12 +159,12 @@ class AblationPlan:
     bootstrap:int # query resamples
 
     @property
-    def extra(self) -> Path: return self.out / "positives.json"
+    def extra(self) -> Path: return Path(self.config.extra).absolute() if self.config.extra else self.out / "positives.json"
     def run_dir(self, row:str, seed:int) -> Path: return self.out / "runs" / ROW_BY_NAME[row].slug / f"seed-{seed}"
     def step_name(self, row:str, seed:int) -> str: return f"{ROW_BY_NAME[row].slug}-seed{seed}"
     def rows(self) -> list[AblationRow]:
-        "The rows this run has (+P and SPN need captions)."
-        return [r for r in ABLATE_ROWS if self.config.captions is not None or not r.positives]
+        "The rows this run has (+P and SPN need captions or generated triplets)."
+        return [r for r in ABLATE_ROWS if self.config.captions is not None or self.config.extra is not None or not r.positives]
 
 def reported_split(data:str|os.PathLike, # the dataset folder
                    format:str # 'fashioniq' or 'cirr'
@@ -197,15 +201,19 @@ def stage_config(plan:AblationPlan, # the run
     if row.stage == 1:
         epochs = {"epochs": plan.max_epochs, "patience": plan.patience} if row.converge else {"epochs": plan.epochs}
         return Stage1Config(c.data, c.format, start, folder, lr=c.lr, **epochs, **common)
+    common["tau"] = c.stage2_tau or c.tau
     return Stage2Config(c.data, c.format, start, folder, epochs=plan.epochs, lr=c.stage2_lr or c.lr, in_batch=row.in_batch,
                         cache_dir=str(plan.out / "cache"), **common)
 
 _FREE = ("device", "resume", "workers", "eval_batch_size", "cache_gb", "chunk_size")   # settings that do not change a result
 
+def _relative(plan:AblationPlan, value):
+    "An absolute path as seen from the ablation folder (so that a folder moved with its data keeps its results); anything else as it is."
+    return Path(os.path.relpath(value, plan.out)).as_posix() if isinstance(value, str) and os.path.isabs(value) else value
+
 def _inside(plan:AblationPlan, settings:dict) -> dict:
-    "`settings` without the settings that do not change a result, paths inside the ablation folder relative to it (the folder may move)."
-    def rel(v): return "OUT/" + Path(v).relative_to(plan.out).as_posix() if isinstance(v, str) and v.startswith(f"{plan.out}{os.sep}") else v
-    return {k: rel(v) for k, v in settings.items() if k not in _FREE}
+    "`settings` without the settings that do not change a result, absolute paths relative to the ablation folder."
+    return {k: _relative(plan, v) for k, v in settings.items() if k not in _FREE}
 
 def row_settings(plan:AblationPlan, # the run
                  row:AblationRow, # the row
@@ -214,10 +222,10 @@ def row_settings(plan:AblationPlan, # the run
                 ) -> dict:
     "What a (row, seed) result depends on: data, split, its stage settings, the positives and the row it starts from."
     c = plan.config
-    base = {"row": row.name, "seed": seed, "data": str(Path(c.data).absolute()), "format": c.format, "split": plan.split}
-    if row.stage == 0: return base | {"model": plan.model}
+    base = {"row": row.name, "seed": seed, "data": _relative(plan, str(Path(c.data).absolute())), "format": c.format, "split": plan.split}
+    if row.stage == 0: return base | {"model": _relative(plan, plan.model)}
     train = _inside(plan, stage_config(plan, row, seed).settings())
-    start = {"start": row_settings(plan, ROW_BY_NAME[row.start], seed, positives)} if row.start else {"model": plan.model}
+    start = {"start": row_settings(plan, ROW_BY_NAME[row.start], seed, positives)} if row.start else {"model": _relative(plan, plan.model)}
     return base | {"train": train, "positives": positives if row.positives else None} | start
 
 # %% ../nbs/10a_ablate.ipynb #ea52c9d3
@@ -248,6 +256,9 @@ def positives_step(plan:AblationPlan, # the run
                   ) -> dict|None:
     "Generate the positives of +P and SPN once (from the pretrained model and the captions); their settings, or None without captions."
     c = plan.config
+    if c.extra is not None:                                                  # made elsewhere: its content is what the rows depend on
+        if not plan.extra.is_file(): raise SpnError("no such file of generated triplets; pass the file spn4cir positives wrote", plan.extra)
+        return {"extra": _relative(plan, str(plan.extra)), "sha256": hashlib.sha256(plan.extra.read_bytes()).hexdigest()}
     if c.captions is None: return None
     from spn4cir.positives import PositivesConfig, generate_positives
     config = PositivesConfig(c.data, c.format, str(Path(c.captions).absolute()), str(plan.extra), model=plan.model, window=c.window, k=c.k,
@@ -286,8 +297,8 @@ def ablation_report(plan:AblationPlan, # the run
                      "delta_vs_baseline": None if row.name == "baseline" else _delta(res, base, c.format, plan.bootstrap, plan.seeds[0])})
     return {"format": c.format, "split": plan.split, "headline": "Rmean" if c.format == "fashioniq" else "avg", "seeds": plan.seeds,
             "epochs": {"max_epochs": plan.max_epochs, "patience": plan.patience, "epochs": plan.epochs},
-            "rows": rows, "missing": [] if c.captions else ["+P", "SPN (+P+N)"],
-            "timing": {f"{r} / seed {s}": v["seconds"] for r, per in results.items() for s, v in per.items()}}
+            "rows": rows, "missing": [] if c.captions or c.extra else ["+P", "SPN (+P+N)"],
+            "timing": {r: {str(s): v["seconds"] for s, v in per.items()} for r, per in results.items()}}
 
 # %% ../nbs/10a_ablate.ipynb #933c9578
 def _interval(iv:list[float]|None) -> str: return "n/a (1 seed)" if iv is None else f"[{iv[0]:+.2f}, {iv[1]:+.2f}]"
@@ -337,7 +348,7 @@ def _markdown(report:dict, plan:AblationPlan) -> str:
     if n < 3: lines += [f"With {n} seed{'s' if n > 1 else ''} this table is an anecdote: " + ("there is no interval over seeds. " if n == 1 else "")
                         + "Run `--seeds 3` or more before reading a gap between rows as an effect.", ""]
     if split == "val": lines += ["Reported on val, which also picked each run's best epoch and stopped stage 1: optimistic for every trained row alike.", ""]
-    if report["missing"]: lines += [f"Not run (no --captions): {', '.join(report['missing'])}.", ""]
+    if report["missing"]: lines += [f"Not run (no --captions nor --extra): {', '.join(report['missing'])}.", ""]
     if (plan.out / "deltas.png").is_file(): lines += ["![deltas](deltas.png)", ""]
     return "\n".join(lines)
 

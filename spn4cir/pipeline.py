@@ -12,7 +12,7 @@ from .core import Config, SpnError, atomic_write, check_choices, read_json, seed
 
 # %% auto #0
 __all__ = ['DEMO_ROWS', 'DEMO_SIZES', 'DEMO_SETTINGS', 'demo_settings', 'run_step', 'report_table', 'plot_ablation', 'DemoConfig',
-           'run_demo', 'show_report']
+           'mean_metrics', 'run_demo', 'show_report']
 
 # %% ../nbs/10_pipeline.ipynb #fed8e8b9
 DEMO_ROWS = (  # name, then whether it uses stage 1, generated positives, the stage-2 bank
@@ -24,8 +24,8 @@ DEMO_ROWS = (  # name, then whether it uses stage 1, generated positives, the st
 )
 
 DEMO_SIZES = {
-    "default": {"data": {"preset": "default", "n_unlabeled": 6000}, "pretrain": {"epochs": 4}, "stage1": {"epochs": 4}, "stage2": {"epochs": 4}},
-    "quick": {"data": {"preset": "quick"}, "pretrain": {"epochs": 4}, "stage1": {"epochs": 4}, "stage2": {"epochs": 3}},
+    "default": {"data": {"preset": "default", "n_unlabeled": 6000}, "pretrain": {"epochs": 4}, "ablate": {"max_epochs": 4, "epochs": 4}},
+    "quick": {"data": {"preset": "quick"}, "pretrain": {"epochs": 4}, "ablate": {"max_epochs": 4, "epochs": 3}},
 }
 
 DEMO_SETTINGS = {
@@ -33,8 +33,7 @@ DEMO_SETTINGS = {
     "pretrain": {"model": "spn-tiny-rn", "batch_size": 128, "lr": 1e-3},
     "caption": {"captioner": "clip-vocab", "batch_size": 64},
     "positives": {"window": "0.05:0.3", "k": 1, "sampler": "exact", "templates": ["t3"]},
-    "stage1": {"batch_size": 64, "lr": 1e-4, "tau": 0.05, "extra_ratio": 0.5},
-    "stage2": {"batch_size": 64, "lr": 1e-4, "tau": 0.05, "extra_ratio": 0.5},
+    "ablate": {"batch_size": 64, "lr": 1e-4, "tau": 0.05, "extra_ratio": 0.5, "patience": 2, "bootstrap": 1000},   # `AblateConfig` fields
 }
 
 def _merge(base:dict, update:dict) -> dict:
@@ -43,12 +42,15 @@ def _merge(base:dict, update:dict) -> dict:
     for section, values in (update or {}).items():
         if section not in out: raise SpnError(f"unknown demo settings section {section!r}, use one of {', '.join(out)}")
         out[section].update(values)
+    from spn4cir.ablate import AblateConfig
+    unknown = set(out["ablate"]) - {f.name for f in dataclasses.fields(AblateConfig)}
+    if unknown: raise SpnError(f"unknown ablate settings {sorted(unknown)}: use fields of AblateConfig (spn4cir ablate --help)")
     return out
 
 def demo_settings(quick:bool=False, # the quick sizes instead of the default ones
                   overrides:dict|None=None # {section: {key: value}} replacing any setting (for experiments and tests)
                  ) -> dict:
-    "Every setting of one demo run, by section (data, pretrain, caption, positives, stage1, stage2)."
+    "Every setting of one demo run, by section (data, pretrain, caption, positives, ablate)."
     return _merge(_merge(DEMO_SETTINGS, DEMO_SIZES["quick" if quick else "default"]), overrides)
 
 # %% ../nbs/10_pipeline.ipynb #8a0c91a9
@@ -123,14 +125,12 @@ def plot_ablation(rows:list[dict], # report.json's rows
     return fig
 
 # %% ../nbs/10_pipeline.ipynb #71890a6d
-def _row_slug(name:str) -> str: return {"zero-shot": "zero-shot", "baseline": "baseline", "+N": "N", "+P": "P", "SPN (+P+N)": "SPN"}[name]
-
-def _history_files(out:Path) -> dict[str, Path]:
-    "Each trained row's metrics history, by row name."
+def _history_files(plan) -> dict[str, Path]:
+    "Each trained row's metrics history (its first seed's run in the ablation), by row name."
     found = {}
     for name, stage1, _, stage2 in DEMO_ROWS:
         if not stage1: continue
-        file = out / "runs" / _row_slug(name) / ("stage2_history.jsonl" if stage2 else "stage1_history.jsonl")
+        file = plan.run_dir(name, plan.seeds[0]) / ("stage2_history.jsonl" if stage2 else "stage1_history.jsonl")
         if file.is_file(): found[name] = file
     return found
 
@@ -140,7 +140,8 @@ class DemoConfig(Config):
     "Settings of `run_demo`, the `spn4cir demo` job."
     out:str="runs/demo" # folder for the data, the runs, the report and the plots
     quick:bool=False # the quick sizes (a few minutes on 2 CPU cores)
-    seed:int=0 # everything follows from it
+    seed:int=0 # everything follows from it (the ablation's first seed)
+    seeds:int=1 # seeds of the ablation's rows (seed, seed + 1, ...): one is an anecdote, a table to read needs 3 or more
     format:Literal["cirr", "fashioniq"]="cirr" # Shapes-CIR layout: 'cirr' (reports Recall_subset too) or 'fashioniq'
     device:str|None=None # cpu, cuda, cuda:1 (None: CUDA when present)
     precision:Literal["fp32", "bf16", "fp16"]|None=None # autocast dtype (None: bf16/fp16 on CUDA, fp32 on CPU)
@@ -193,58 +194,48 @@ def _prepare(run:_DemoRun, log) -> dict:
                                   log, [run.extra])
     return steps
 
-def _train_row(run:_DemoRun, name:str, stage1:bool, positives:bool, stage2:bool) -> Path:
-    "Train one row (if it trains) and return its model folder."
-    from spn4cir.stage1 import Stage1Config, train_stage1
-    from spn4cir.stage2 import Stage2Config, train_stage2
-    c, folder = run.config, run.out / "runs" / _row_slug(name)
-    common = dict(seed=c.seed, device=c.device, precision=c.precision, resume=True)
-    if not stage1: return run.pretrained
-    options = dict(run.settings["stage2" if stage2 else "stage1"])
-    if positives: options["extra"] = run.extra
-    else: options.pop("extra_ratio")
-    if stage2:   # stage 2 starts from the stage-1 row with the same positives
-        start = run.out / "runs" / _row_slug("+P" if positives else "baseline")
-        train_stage2(Stage2Config(run.data, c.format, start, folder, **options, **common), progress=False)
-    else: train_stage1(Stage1Config(run.data, c.format, run.pretrained, folder, **options, **common), progress=False)
-    return folder
-
-def _ablation_rows(run:_DemoRun, steps:dict, log) -> list[dict]:
-    "Train and test every row of `DEMO_ROWS` on the test split (each row run once, see `run_step`)."
+def _ablate_config(run:_DemoRun):
+    "The `AblateConfig` of the demo: the prepared data, pretrained model and positives, into `out/ablate`."
+    from spn4cir.ablate import AblateConfig
     from spn4cir.synthetic import SPLITS
-    from spn4cir.evaluate import evaluate_model, headline_score
-    c, rows = run.config, []
-    for name, stage1, positives, stage2 in DEMO_ROWS:
-        depends = steps["positives"]["settings"] if positives else steps["pretrain"]["settings"]
-        row_settings = depends | {"stage1": run.settings["stage1"] if stage1 else None,
-                                  "stage2": run.settings["stage2"] if stage2 else None, "positives": positives}
-        def train_and_test():
-            model = _train_row(run, name, stage1, positives, stage2)
-            return evaluate_model(str(model), run.data, c.format, split=SPLITS[c.format][-1], device=c.device, precision=c.precision,
-                                  out=run.out / "runs" / _row_slug(name) / "metrics.json", progress=False)
-        step = run_step(run.out, f"row-{_row_slug(name)}", row_settings, train_and_test, log,
-                        [run.out / "runs" / _row_slug(name)] if stage1 else [])
-        rows.append({"name": name, "stage1": stage1, "positives": positives, "stage2": stage2,
-                     "metrics": step["result"], "seconds": step["seconds"]})
-        log(f"{name}: {headline_score(step['result']):.2f}")
-    return rows
+    c = run.config
+    return AblateConfig(str(run.data), c.format, str(run.pretrained), str(run.out / "ablate"), extra=str(run.extra), seeds=c.seeds,
+                        seed=c.seed, split=SPLITS[c.format][-1], device=c.device, precision=c.precision, plots=c.plots,
+                        **run.settings["ablate"])
+
+def mean_metrics(metrics:list[dict] # `metrics.json` dictionaries, e.g. one per seed
+                ) -> dict:
+    "Their mean, key by key (FashionIQ's nested categories too)."
+    return {k: mean_metrics([m[k] for m in metrics]) if isinstance(v, dict) else sum(m[k] for m in metrics) / len(metrics)
+            for k, v in metrics[0].items()}
+
+def _ablation_rows(run:_DemoRun, log) -> tuple[list[dict], dict]:
+    "Run the controlled ablation (`spn4cir.ablate`, every row for every seed); the paper's five rows (seed-mean metrics) and its report."
+    from spn4cir.ablate import run_ablation
+    report = read_json(run_ablation(_ablate_config(run), log)["report"])
+    by_name = {r["name"]: r for r in report["rows"]}
+    rows = [{"name": name, "stage1": stage1, "positives": positives, "stage2": stage2,
+             "metrics": mean_metrics([p["metrics"] for p in by_name[name]["per_seed"]]),
+             "seconds": round(sum(report["timing"][name].values()), 1)} for name, stage1, positives, stage2 in DEMO_ROWS]
+    return rows, report
 
 # %% ../nbs/10_pipeline.ipynb #17a930fe
-def _write_report(run:_DemoRun, steps:dict, rows:list[dict], started:float, log) -> dict:
+def _write_report(run:_DemoRun, steps:dict, rows:list[dict], ablation:dict, started:float, log) -> dict:
     "report.json, report.md and the plots of a finished run; returns the report."
-    from spn4cir.synthetic import SPLITS
-    c, out, test_split = run.config, run.out, SPLITS[run.config.format][-1]
-    report = {"rows": rows, "format": c.format, "seed": c.seed, "quick": c.quick, "split": test_split, "settings": run.settings,
-              "steps": {k: {"seconds": v["seconds"]} for k, v in steps.items()},
+    c, out, test_split = run.config, run.out, ablation["split"]
+    report = {"rows": rows, "format": c.format, "seed": c.seed, "seeds": ablation["seeds"], "quick": c.quick, "split": test_split,
+              "settings": run.settings, "steps": {k: {"seconds": v["seconds"]} for k, v in steps.items()},
               "data": {k: steps["data"]["result"].get(k) for k in ("splits", "images", "seconds") if k in steps["data"]["result"]},
               "caption_slot_accuracy": steps["caption"]["result"].get("slot_accuracy"),
-              "positives": {k: steps["positives"]["result"].get(k) for k in ("triplets", "templates", "window", "rank_check")}}
-    paths = _write_plots(out, rows, c.format, run.data, test_split, c.device, log) if c.plots else {}
+              "positives": {k: steps["positives"]["result"].get(k) for k in ("triplets", "templates", "window", "rank_check")},
+              "ablation": {"report": "ablate/report.json", "markdown": "ablate/report.md", "seeds": ablation["seeds"]}}
+    paths = _write_plots(run, rows, test_split, log) if c.plots else {}
     report["plots"] = {k: str(Path(v).relative_to(out)) for k, v in paths.items()}
-    report["seconds"] = round(sum(v["seconds"] for v in steps.values()) + sum(r["seconds"] for r in rows), 1)   # what the results cost
-    report["call_seconds"] = round(time.perf_counter() - started, 1)                                            # this call (reused steps are free)
+    trained = sum(sum(per_seed.values()) for per_seed in ablation["timing"].values())               # every row of every seed
+    report["seconds"] = round(sum(v["seconds"] for v in steps.values()) + trained, 1)            # what the results cost
+    report["call_seconds"] = round(time.perf_counter() - started, 1)                                # this call (reused steps are free)
     write_json(out / "report.json", report)
-    with atomic_write(out / "report.md", "w") as f: f.write(_report_markdown(report))
+    with atomic_write(out / "report.md", "w") as f: f.write(_report_markdown(report, ablation))
     log("\n" + report_table(rows, c.format) + f"\n\nreport: {out / 'report.md'}\nrows and metrics: {out / 'report.json'}\n"
         + "".join(f"plot: {out / p}\n" for p in report["plots"].values()))
     return report
@@ -262,37 +253,47 @@ def run_demo(config:DemoConfig|None=None, # the demo's settings (None: the defau
     started = time.perf_counter()
     seed_everything(config.seed)
     steps = _prepare(run, log)
-    rows = _ablation_rows(run, steps, log)
-    report = _write_report(run, steps, rows, started, log)
+    rows, ablation = _ablation_rows(run, log)
+    report = _write_report(run, steps, rows, ablation, started, log)
     return {"out": str(out), "report": str(out / "report.json"), "rows": {r["name"]: headline_score(r["metrics"]) for r in rows},
-            "seconds": report["seconds"], "call_seconds": report["call_seconds"]}
+            "seeds": ablation["seeds"], "seconds": report["seconds"], "call_seconds": report["call_seconds"]}
 
 # %% ../nbs/10_pipeline.ipynb #aa325a6b
-def _write_plots(out:Path, rows:list[dict], format:str, data:Path, split:str, device, log) -> dict[str, Path]:
-    "The ablation bars, the training curves and SPN's embedding space, gallery and score margins against +P."
+def _write_plots(run:_DemoRun, rows:list[dict], split:str, log) -> dict[str, Path]:
+    "The ablation bars, the training curves, the ablation's deltas, and SPN's embedding space, gallery and score margins against +P (first seed)."
     import matplotlib.pyplot as plt
+    from spn4cir.ablate import plan_ablation
     from spn4cir.visualize import VizConfig, plot_training_curves, visualize_model
-    paths = {"ablation": out / "ablation.png", "training_curves": out / "training_curves.png"}
-    plt.close(plot_ablation(rows, format, title=f"Shapes-CIR ({format} layout), {split} split", path=paths["ablation"]))
-    plt.close(plot_training_curves({k: str(v) for k, v in _history_files(out).items()}, title="validation score per epoch",
+    out, c, plan = run.out, run.config, plan_ablation(_ablate_config(run))
+    paths = {"ablation": out / "ablation.png", "training_curves": out / "training_curves.png", "deltas": plan.out / "deltas.png"}
+    plt.close(plot_ablation(rows, c.format, title=f"Shapes-CIR ({c.format} layout), {split} split", path=paths["ablation"]))
+    plt.close(plot_training_curves({k: str(v) for k, v in _history_files(plan).items()}, title="validation score per epoch",
                                    path=paths["training_curves"]))
-    viz = visualize_model(VizConfig(str(data), format, str(out / "runs" / "SPN"), str(out / "viz"), split=split, compare=str(out / "runs" / "P"),
-                                    device=device), progress=False)
+    first = plan.seeds[0]
+    viz = visualize_model(VizConfig(str(run.data), c.format, str(plan.run_dir("SPN (+P+N)", first)), str(out / "viz"), split=split,
+                                    compare=str(plan.run_dir("+P", first)), device=c.device), progress=False)
     plt.close("all")
     log("plots written")
     return paths | {k: Path(v) for k, v in viz.items()}
 
-def _report_markdown(report:dict) -> str:
-    "report.md: the table, what was run, and the plots."
+def _report_markdown(report:dict, ablation:dict) -> str:
+    "report.md: the paper's table, the controlled ablation over seeds, what was run, and the plots."
+    from spn4cir.ablate import ablation_table
     from spn4cir.evaluate import headline_score
     rows, base = report["rows"], next(r for r in report["rows"] if r["name"] == "baseline")
     gains = ", ".join(f"{r['name']} {headline_score(r['metrics']) - headline_score(base['metrics']):+.2f}"
                       for r in rows if r["name"] not in ("zero-shot", "baseline"))
-    acc = report.get("caption_slot_accuracy") or {}
-    lines = [f"# spn4cir demo: Shapes-CIR ({report['format']} layout), {'quick' if report['quick'] else 'default'} sizes, seed {report['seed']}",
-             "", f"Test split `{report['split']}`, metrics in percent; seconds are each row's own training and evaluation.", "",
+    acc, n = report.get("caption_slot_accuracy") or {}, len(report["seeds"])
+    seeds = f"seed {report['seed']}" if n == 1 else f"seeds {report['seeds']} (metrics are seed means)"
+    lines = [f"# spn4cir demo: Shapes-CIR ({report['format']} layout), {'quick' if report['quick'] else 'default'} sizes, {seeds}",
+             "", f"Test split `{report['split']}`, metrics in percent; seconds are each row's own training and evaluation, all seeds.", "",
              report_table(rows, report["format"]), "",
              f"Headline score against the baseline: {gains}.", "",
+             f"## The controlled ablation ({n} seed{'s' if n > 1 else ''}; [details]({report['ablation']['markdown']}))", "",
+             ablation_table(ablation), "",
+             ("One seed is an anecdote: rerun with `--seeds 3` or more before reading a gap as an effect." if n == 1 else
+              "Fewer than 3 seeds: the intervals over seeds are wide; 3 or more make them worth reading." if n < 3 else
+              "Intervals: t over the paired per-seed deltas; bootstrap over the test queries, paired."), "",
              "Shared steps (seconds): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in report["steps"].items()) + f"; all steps {report['seconds']:.0f} s (this call {report['call_seconds']:.0f} s).", "",
              "Caption slot accuracy of clip-vocab (%): " + ", ".join(f"{k} {v:.1f}" for k, v in acc.items() if k != "images") + ".", "",
              f"Generated positives: {report['positives'].get('triplets')} triplets, window {report['positives'].get('window')}, "

@@ -31,9 +31,9 @@ def world(tmp_path_factory):
     return root
 
 
-def flags(world, out, data="cirr", fmt="cirr", captions=True):
-    "The command line of the tiny 2-seed ablation."
-    words = ["--data", world / data, "--format", fmt, "--model", world / "pre", "--out", out, "--seeds", 2, "--max-epochs", 2,
+def flags(world, out, data="cirr", fmt="cirr", captions=True, seeds=2):
+    "The command line of the tiny ablation (the in-process run's settings)."
+    words = ["--data", world / data, "--format", fmt, "--model", world / "pre", "--out", out, "--seeds", seeds, "--max-epochs", 2,
              "--patience", 1, "--epochs", 1, "--batch-size", 16, "--window", "0.1:0.5", "--bootstrap", 200, "--device", "cpu"]
     if captions: words += ["--captions", world / data / "oracle_captions.jsonl"]
     return [str(w) for w in words]
@@ -53,11 +53,6 @@ def ablation(world):
         summary = run_ablation(config(world, world / "run"), log=lines.append)
     finally: torch.set_num_threads(threads)
     return world / "run", summary, lines
-
-
-def substance(report:dict) -> dict:
-    "The report without timings."
-    return {k: v for k, v in report.items() if k != "timing"}
 
 
 def test_report_has_seven_rows_with_per_seed_values(ablation):
@@ -105,18 +100,18 @@ def test_mean_std_delta_and_intervals_follow_from_the_per_seed_numbers(ablation)
             assert headline_of(query_scores(step["ranks"], "cirr")) == pytest.approx(step["score"], abs=1e-9)
 
 
-def test_one_seed_has_no_interval_and_says_so(ablation, tmp_path):
-    "Seed 0 alone, in a copy of the 2-seed run's folder (moved, it still holds finished rows): nothing trains, the interval is None."
+def test_one_seed_has_no_interval_and_says_so(ablation, world):
+    "Seed 0 alone, in a copy of the 2-seed run's folder beside it (paths are seen from the folder): nothing trains, no interval."
     import shutil
     out, _, _ = ablation
-    shutil.copytree(out, tmp_path / "one")
+    shutil.copytree(out, world / "one")
     lines = []
-    run_ablation(config(Path(out).parent, tmp_path / "one", seeds=[0], bootstrap=200), log=lines.append)
+    run_ablation(config(world, world / "one", seeds=[0]), log=lines.append)
     assert not any(l.startswith("step ") and l.endswith("...") for l in lines), lines      # nothing trained again
-    report = read_json(tmp_path / "one" / "report.json")
+    report = read_json(world / "one" / "report.json")
     d = next(r for r in report["rows"] if r["name"] == "+N")["delta_vs_baseline"]
     assert d["interval"] is None and "one seed" in d["interval_note"] and d["std"] is None
-    assert "n/a (1 seed)" in (tmp_path / "one" / "report.md").read_text()
+    assert "n/a (1 seed)" in (world / "one" / "report.md").read_text()
 
 
 def test_report_markdown_and_plot(ablation):
@@ -145,9 +140,10 @@ def _wait_for(path:Path, proc:subprocess.Popen):
 
 
 def test_kill_9_mid_training_then_rerun_gives_the_same_report(ablation, world, tmp_path):
-    "The command line (CIRR layout), killed once the baseline of seed 0 has saved an epoch's state, then run again to the end."
+    "The command line (CIRR layout, seed 0), killed once the baseline has saved an epoch's state, then run again to the end: seed 0's
+    rows are those of the uninterrupted in-process run, number for number."
     out, _, _ = ablation
-    argv = [SCRIPT, "ablate", *flags(world, tmp_path / "cut")]
+    argv = [SCRIPT, "ablate", *flags(world, tmp_path / "cut", seeds=1)]
     proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "cut" / "runs" / "baseline" / "seed-0" / "stage1_state"
     _wait_for(state, proc)
@@ -156,13 +152,17 @@ def test_kill_9_mid_training_then_rerun_gives_the_same_report(ablation, world, t
     done = subprocess.run(argv, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["rows"].keys() == set(NAMES)
-    assert substance(read_json(tmp_path / "cut" / "report.json")) == substance(read_json(out / "report.json"))
+    cut, clean = read_json(tmp_path / "cut" / "report.json"), read_json(out / "report.json")
+    assert [r["name"] for r in cut["rows"]] == NAMES and cut["seeds"] == [0]
+    for a, b in zip(cut["rows"], clean["rows"]):
+        assert a["per_seed"] == b["per_seed"][:1], a["name"]                  # score, every metric, what training did
+        if a["name"] != "baseline": assert a["delta_vs_baseline"]["per_seed"] == b["delta_vs_baseline"]["per_seed"][:1]
     history = [json.loads(l)["epoch"] for l in (state.parent / "stage1_history.jsonl").read_text().splitlines()]
     assert history == list(range(len(history)))                        # each epoch once: the cut run resumed, not restarted
 
 
 def test_command_line_fashioniq_layout(world, tmp_path):
-    argv = [SCRIPT, "ablate", *flags(world, tmp_path / "fiq", "fiq", "fashioniq", captions=False), "--quick"]
+    argv = [SCRIPT, "ablate", *flags(world, tmp_path / "fiq", "fiq", "fashioniq", captions=False, seeds=1), "--quick"]
     done = subprocess.run(argv, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     report = read_json(tmp_path / "fiq" / "report.json")
@@ -170,4 +170,4 @@ def test_command_line_fashioniq_layout(world, tmp_path):
     assert [r["name"] for r in report["rows"]] == NAMES[:5] and report["missing"] == ["+P", "SPN (+P+N)"]
     for row in report["rows"]:
         assert all(p["score"] == p["metrics"]["Rmean"] for p in row["per_seed"])
-    assert "Not run (no --captions): +P, SPN (+P+N)" in (tmp_path / "fiq" / "report.md").read_text()
+    assert "Not run (no --captions nor --extra): +P, SPN (+P+N)" in (tmp_path / "fiq" / "report.md").read_text()

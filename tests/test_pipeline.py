@@ -11,8 +11,7 @@ TINY = {"data": {"n_train_triplets": 48, "n_unlabeled": 64, "n_val": 16, "n_test
         "pretrain": {"epochs": 1, "batch_size": 32},
         "caption": {"batch_size": 32},
         "positives": {"window": "0.1:0.5"},
-        "stage1": {"epochs": 1, "batch_size": 16},
-        "stage2": {"epochs": 1, "batch_size": 16}}
+        "ablate": {"max_epochs": 1, "epochs": 1, "batch_size": 16, "bootstrap": 100}}
 CIRR_KEYS = {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "avg"}
 
 
@@ -38,13 +37,20 @@ def test_report_has_the_five_rows(demo):
 
 
 def test_every_trained_row_has_its_own_checkpoint_and_metrics(demo):
+    "The rows are the controlled ablation's (`spn4cir ablate` in out/ablate): one run folder and one result per row and seed."
     out, _, _ = demo
-    for slug in ("baseline", "N", "P", "SPN"):
-        assert (out / "runs" / slug / "model.safetensors").is_file()
-        assert json.loads((out / "runs" / slug / "metrics.json").read_text()).keys() == CIRR_KEYS
+    runs = out / "ablate" / "runs"
+    for slug in ("baseline", "stage1-continued", "stage2-in-batch", "N", "P", "SPN"):
+        assert (runs / slug / "seed-0" / "model.safetensors").is_file()
+        assert json.loads((out / "ablate" / "steps" / f"{slug}-seed0.json").read_text())["result"]["metrics"].keys() == CIRR_KEYS
     # +N and SPN are stage 2 runs (they have a bank cache and a stage-2 history), +P trained on generated triplets
-    assert (out / "runs" / "N" / "stage2_history.jsonl").is_file() and (out / "runs" / "SPN" / "stage2_history.jsonl").is_file()
-    assert (out / "runs" / "P" / "stage1_history.jsonl").is_file()
+    assert (runs / "N" / "seed-0" / "stage2_history.jsonl").is_file() and (runs / "SPN" / "seed-0" / "stage2_history.jsonl").is_file()
+    assert (runs / "P" / "seed-0" / "stage1_history.jsonl").is_file()
+    ablation = json.loads((out / "ablate" / "report.json").read_text())
+    assert ablation["seeds"] == [0] and len(ablation["rows"]) == 7
+    report = json.loads((out / "report.json").read_text())
+    for row in report["rows"]:                                            # the demo's rows are the ablation's (one seed: its metrics)
+        assert row["metrics"] == next(r for r in ablation["rows"] if r["name"] == row["name"])["per_seed"][0]["metrics"]
 
 
 def test_report_markdown_and_plots(demo):
@@ -52,7 +58,8 @@ def test_report_markdown_and_plots(demo):
     md = (out / "report.md").read_text()
     assert "| SPN (+P+N) | yes | yes | yes |" in md and "| zero-shot | no | no | no |" in md
     report = json.loads((out / "report.json").read_text())
-    assert {"ablation", "training_curves", "embedding_space", "retrieval_gallery", "score_distributions"} <= set(report["plots"])
+    assert {"ablation", "training_curves", "deltas", "embedding_space", "retrieval_gallery", "score_distributions"} <= set(report["plots"])
+    assert "| stage-2 in-batch |" in md and "One seed is an anecdote" in md
     for rel in report["plots"].values():
         png = out / rel
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
@@ -74,10 +81,10 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(demo, tmp_path):
     import shutil
     copy = tmp_path / "demo"; shutil.copytree(out, copy)
     lines = []
-    changed = {**TINY, "stage2": {**TINY["stage2"], "lr": 3e-4}}
+    changed = {**TINY, "ablate": {**TINY["ablate"], "stage2_lr": 3e-4}}
     run_demo(DemoConfig(copy, quick=True, seed=0, overrides=changed, plots=False), log=lines.append)
     reran = sorted(l.split()[1].rstrip(":") for l in lines if l.startswith("step ") and l.endswith("..."))
-    assert reran == ["row-N", "row-SPN"], reran
+    assert reran == ["N-seed0", "SPN-seed0", "stage2-in-batch-seed0"], reran   # the stage-2 rows, not stage 1 nor the shared steps
 
 
 def test_same_seed_same_numbers(demo, tmp_path):
