@@ -140,8 +140,8 @@ def _wait_for(path:Path, proc:subprocess.Popen):
 
 
 def test_kill_9_mid_training_then_rerun_gives_the_same_report(ablation, world, tmp_path):
-    "The command line (CIRR layout, seed 0), killed once the baseline has saved an epoch's state, then run again to the end: seed 0's
-    rows are those of the uninterrupted in-process run, number for number."
+    """The command line (CIRR layout, seed 0), killed once the baseline has saved an epoch's state, then run again to the end: seed 0's
+    rows are those of the uninterrupted in-process run, number for number."""
     out, _, _ = ablation
     argv = [SCRIPT, "ablate", *flags(world, tmp_path / "cut", seeds=1)]
     proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
