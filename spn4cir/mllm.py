@@ -109,10 +109,11 @@ def mllm_config(llava:dict, # `LlavaConfig.to_dict()`
             "image": image or {"size": size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
             "text": {"max_text_tokens": max_text_tokens, "head_dim": head_dim, "lora": lora, "lm_weight": lm_weight}}
 
-# %% ../nbs/03d_mllm.ipynb #9da4be44
+# %% ../nbs/03d_mllm.ipynb #9fde78f8
 def _part(name:str, lora:bool) -> str|None:
-    "Which part a parameter of `MllmCIR` belongs to: image, text, scale, or None (frozen base weights under LoRA)."
+    "Which part a parameter of `MllmCIR` belongs to: image, text, scale, lm_head, or None (frozen base weights under LoRA)."
     if name == "logit_scale": return "scale"
+    if name.startswith("llava.lm_head."): return "lm_head"   # only captioning reads it: trained under 'all' (pretraining)
     if name.startswith(("llava.model.vision_tower.", "llava.model.multi_modal_projector.")): return "image"
     if name.startswith("head."): return "text"
     if lora: return "text" if "lora_" in name else None
@@ -294,11 +295,11 @@ def after_update(self:MllmCIR):
 @patch
 def pretrain_extra(self:MllmCIR) -> dict: return {"logit_scale": round(self.logit_scale.exp().item(), 3)}
 
-# %% ../nbs/03d_mllm.ipynb #ffecb14c
+# %% ../nbs/03d_mllm.ipynb #a860b1c5
 @patch
 def set_trainable(self:MllmCIR, *groups:str, temperature:bool=True) -> list[nn.Parameter]:
-    "Freeze everything except `groups` ('text': the LM or its LoRA, 'image': vision tower + projector, 'both', 'all' adds the temperature)."
-    parts = {"text": {"text"}, "image": {"image"}, "both": {"text", "image"}, "all": {"text", "image", "scale"}}
+    "Freeze everything except `groups` ('text': the LM or its LoRA, 'image': vision tower + projector, 'both', 'all' adds the LM head and temperature)."
+    parts = {"text": {"text"}, "image": {"image"}, "both": {"text", "image"}, "all": {"text", "image", "scale", "lm_head"}}
     bad = [g for g in groups if g not in parts]
     if bad or not groups: raise SpnError(f"unknown trainable group {bad[0] if bad else None!r}, use one of {list(self.trainable_groups)}")
     wanted = set().union(*(parts[g] for g in groups)) - (set() if temperature else {"scale"})

@@ -187,3 +187,53 @@ def test_stage2_step_uses_cached_states(tiny, tmp_path):
     q = step_queries(tiny, bank, torch.tensor([0, 2]), TEXTS[:2])
     q.sum().backward()
     assert q.shape == (2, 64) and any(p.grad is not None for p in tiny.llava.model.language_model.parameters())
+
+
+RUN_SCRIPT = """
+import sys
+from spn4cir.stage1 import Stage1Config, train_stage1
+ckpt, data, out = sys.argv[1:4]
+train_stage1(Stage1Config(data, "cirr", ckpt, out, epochs=1, batch_size=8, lr=1e-4, tau=0.05, train_part="text"), progress=False)
+"""
+
+def _weights(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_two_gloo_processes_train_stage1_like_one(shapes, tmp_path):
+    import os, subprocess, sys
+    from spn4cir.stage1 import STATE_DIR as S1_STATE, HISTORY_FILE as S1_HISTORY
+    save_checkpoint(tiny_mllm(seed=4), tmp_path / "start")
+    script = tmp_path / "run.py"; script.write_text(RUN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "start"), str(shapes), str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    single = train_stage1(Stage1Config(str(shapes), "cirr", str(tmp_path / "start"), str(tmp_path / "one"), epochs=1, batch_size=8, lr=1e-4,
+                                       tau=0.05, train_part="text"), progress=False)
+    ddp_history = read_jsonl(tmp_path / "ddp" / S1_HISTORY)
+    assert ddp_history[1]["train_loss"] == pytest.approx(single["history"][1]["train_loss"], abs=1e-5)
+    a, b = _weights(find_train_state(tmp_path / "ddp", S1_STATE)), _weights(find_train_state(tmp_path / "one", S1_STATE))
+    for name in a: torch.testing.assert_close(a[name], b[name], atol=0.25 * 1e-4, rtol=0)   # Adam: within a fraction of one step
+
+
+def test_sigkill_stage2_then_resume_ends_like_an_uninterrupted_run(shapes, tmp_path):
+    import os, signal, subprocess, sys, time
+    save_checkpoint(tiny_mllm(seed=5), tmp_path / "start")
+    def argv(out): return [sys.executable, "-c", "import sys; from spn4cir.cli import main; sys.exit(main(sys.argv[1:]))", "train", "--stage", "2", "--data", str(shapes), "--format", "cirr",
+                           "--model", str(tmp_path / "start"), "--out", str(out), "--epochs", "3", "--batch-size", "8", "--lr", "1e-4",
+                           "--tau", "0.05", "--device", "cpu", "--seed", "3", "--resume"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(argv(tmp_path / "clean"), env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(argv(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history, deadline = tmp_path / "killed" / "stage2_history.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None and (not history.is_file() or len(history.read_text().splitlines()) < 2): time.sleep(0.01)
+    killed = proc.poll() is None
+    if killed: os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed, "the run ended before the kill"
+    subprocess.run(argv(tmp_path / "killed"), env=env, check=True, capture_output=True, timeout=600)
+    strip = lambda f: [{k: v for k, v in r.items() if k not in ("seconds", "val_seconds", "triplets_per_second")} for r in read_jsonl(f)]
+    assert strip(history) == strip(tmp_path / "clean" / "stage2_history.jsonl") and len(strip(history)) == 4
+    a, b = _weights(find_train_state(tmp_path / "killed", STATE_DIR)), _weights(find_train_state(tmp_path / "clean", STATE_DIR))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
