@@ -119,7 +119,7 @@ def _part(name:str, lora:bool) -> str|None:
     if lora: return "text" if "lora_" in name else None
     return "text"
 
-# %% ../nbs/03d_mllm.ipynb #f0209bc9
+# %% ../nbs/03d_mllm.ipynb #31b2133b
 class MllmCIR(nn.Module, CIRFamily):
     "A LLaVA model as a CIR embedder: unit last-token hidden states under InstructCIR's prompts; the reference state is the projected image tokens."
     family, target_vectors, caches_reference, state_reads_text = "mllm", 1, True, False
@@ -157,6 +157,8 @@ class MllmCIR(nn.Module, CIRFamily):
     def embed_dim(self) -> int: return int(self.cfg["text"].get("head_dim") or self.hidden_size)
     @property
     def pad_id(self) -> int: return int(self.cfg["tokenizer"]["pad_id"])
+    @property
+    def preprocess_cfg(self) -> dict: return self.cfg["image"]   # size, mean and std: part of the bank cache's key
 
 # %% ../nbs/03d_mllm.ipynb #b6cc6a1b
 @patch

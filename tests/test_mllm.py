@@ -153,6 +153,12 @@ def test_pretraining_lowers_the_loss_and_captions_flow_into_a_file(shapes, tmp_p
     assert run["captioned"] == len(captions) > 0 and all(isinstance(c, str) for c in captions.values())
     first = read_jsonl(out)[0]
     assert first["captioner"] == "hf" and "<image>" in first["prompt"] and first["model"] == str((tmp_path / "pre").resolve())
+    from spn4cir.data import read_triplets
+    from spn4cir.positives import PositivesConfig, generate_positives
+    generate_positives(PositivesConfig(str(shapes), "cirr", str(out), str(tmp_path / "extra.json"), model=str(tmp_path / "pre"), window="1:4",
+                                       max_triplets=10), progress=False)
+    extra = read_triplets(tmp_path / "extra.json", "cirr")                  # the generated captions became modification texts
+    assert len(extra) == 10 and all(t.texts and t.target in captions for t in extra)
 
 
 def test_caption_slots_reads_phrases():
