@@ -175,7 +175,7 @@ def tokenize(self:MllmCIR, texts:list[str]) -> torch.Tensor:
         out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out
 
-# %% ../nbs/03d_mllm.ipynb #13c8e12a
+# %% ../nbs/03d_mllm.ipynb #1a26ecae
 @patch
 def _pieces(self:MllmCIR, prompt:str) -> list:
     "A filled prompt as token-id lists and slot marks, inside the chat wrap, the tokenizer's start and end ids around it (cached)."
@@ -185,6 +185,7 @@ def _pieces(self:MllmCIR, prompt:str) -> list:
         self._piece_cache[prompt] = [list(self.cfg["tokenizer"]["prefix"]), *parts, list(self.cfg["tokenizer"]["suffix"])]
     return self._piece_cache[prompt]
 
+# %% ../nbs/03d_mllm.ipynb #85fed7f0
 @patch
 def prompt_rows(self:MllmCIR, kind:str, # 'gallery', 'query', 'caption' or 'describe'
                 n:int, # rows
@@ -210,7 +211,7 @@ def prompt_rows(self:MllmCIR, kind:str, # 'gallery', 'query', 'caption' or 'desc
     lab = torch.tensor([[-100] * (width - len(l)) + l for l in labels], dtype=torch.long)
     return ids.to(self.device), mask.to(self.device), lab.to(self.device)
 
-# %% ../nbs/03d_mllm.ipynb #250a7241
+# %% ../nbs/03d_mllm.ipynb #a72ad2cb
 @patch
 def lm_hidden(self:MllmCIR, ids:torch.Tensor, # (n, S) ids with T image tokens per row where `state` goes
               mask:torch.Tensor, # (n, S) attention mask (left padding)
@@ -226,6 +227,7 @@ def lm_hidden(self:MllmCIR, ids:torch.Tensor, # (n, S) ids with T image tokens p
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     return self.llava.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
 
+# %% ../nbs/03d_mllm.ipynb #a2e89884
 @patch
 def embed(self:MllmCIR, kind:str, # 'gallery', 'query' or 'caption'
           state:torch.Tensor|None=None, # (n, T, H) projected image tokens (gallery, query)
@@ -238,40 +240,45 @@ def embed(self:MllmCIR, kind:str, # 'gallery', 'query' or 'caption'
     h = self.lm_hidden(ids, mask, state)[:, -1]
     return F.normalize(self.head(h) if self.head is not None else h, dim=-1)
 
-# %% ../nbs/03d_mllm.ipynb #7196ec11
+# %% ../nbs/03d_mllm.ipynb #f91d8a29
 @patch
 def reference_state(self:MllmCIR, images:torch.Tensor, texts=None) -> torch.Tensor:
     "The reference image's projected tokens `(N, T, H)` (vision tower + projector, LLaVA's feature layer and CLS choice)."
     out = self.llava.model.get_image_features(pixel_values=images.to(self.device, self.llava.dtype), return_dict=True)
     return torch.stack(list(out.pooler_output))
 
+# %% ../nbs/03d_mllm.ipynb #993e4641
 @patch
 def state_queries(self:MllmCIR, state:torch.Tensor, texts) -> torch.Tensor:
     "Unit queries `(N, D)`: the query prompt with the cached image tokens spliced in at `<image>`."
     return self.embed("query", state.to(self.device), texts)
 
+# %% ../nbs/03d_mllm.ipynb #3de2f253
 @patch
 def encode_targets(self:MllmCIR, images:torch.Tensor) -> torch.Tensor:
     "Unit targets `(N, 1, D)` under the gallery prompt."
     return self.embed("gallery", self.reference_state(images))[:, None]
 
+# %% ../nbs/03d_mllm.ipynb #2f4b60fe
 @patch
 def encode_gallery(self:MllmCIR, images:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "Unit targets `(N, 1, D)` and reference states `(N, T, H)` from one pass of the image side."
     state = self.reference_state(images)
     return self.embed("gallery", state)[:, None], state
 
+# %% ../nbs/03d_mllm.ipynb #e0190706
 @patch
 def caption_embeddings(self:MllmCIR, tokens:torch.Tensor) -> torch.Tensor:
     "Unit caption vectors `(N, D)` under the caption prompt."
     return self.embed("caption", None, tokens)
 
+# %% ../nbs/03d_mllm.ipynb #774dc688
 @patch
 def image_side(self:MllmCIR) -> nn.Module:
     "Vision tower and projector (a fresh container: the modules are registered once, under `llava`)."
     return nn.ModuleDict({"vision_tower": self.llava.model.vision_tower, "projector": self.llava.model.multi_modal_projector})
 
-# %% ../nbs/03d_mllm.ipynb #9d01bb7e
+# %% ../nbs/03d_mllm.ipynb #3c40ffc8
 @patch
 def caption_lm_loss(self:MllmCIR, state:torch.Tensor, # (B, T, H) projected image tokens
                     tokens:torch.Tensor # (B, L) caption ids padded with -1
@@ -281,6 +288,7 @@ def caption_lm_loss(self:MllmCIR, state:torch.Tensor, # (B, T, H) projected imag
     logits = self.llava.lm_head(self.lm_hidden(ids, mask, state)[:, :-1]).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
+# %% ../nbs/03d_mllm.ipynb #948c4fdf
 @patch
 def pretrain_loss(self:MllmCIR, images:torch.Tensor, tokens:torch.Tensor) -> torch.Tensor:
     "Captioning loss (weighted by `lm_weight`) plus image-caption InfoNCE at the learnable temperature."
@@ -289,15 +297,17 @@ def pretrain_loss(self:MllmCIR, images:torch.Tensor, tokens:torch.Tensor) -> tor
     align = clip_loss(self.embed("gallery", state).float(), self.caption_embeddings(tokens).float(), self.logit_scale.float())
     return align + float(self.cfg["text"].get("lm_weight", 1.0)) * self.caption_lm_loss(state, tokens)
 
+# %% ../nbs/03d_mllm.ipynb #df44a158
 @patch
 def after_update(self:MllmCIR):
     "Keep the temperature's inverse at most 100."
     with torch.no_grad(): self.logit_scale.clamp_(0, math.log(100))
 
+# %% ../nbs/03d_mllm.ipynb #1bba3999
 @patch
 def pretrain_extra(self:MllmCIR) -> dict: return {"logit_scale": round(self.logit_scale.exp().item(), 3)}
 
-# %% ../nbs/03d_mllm.ipynb #a860b1c5
+# %% ../nbs/03d_mllm.ipynb #b1607ee4
 @patch
 def set_trainable(self:MllmCIR, *groups:str, temperature:bool=True) -> list[nn.Parameter]:
     "Freeze everything except `groups` ('text': the LM or its LoRA, 'image': vision tower + projector, 'both', 'all' adds the LM head and temperature)."
@@ -309,11 +319,13 @@ def set_trainable(self:MllmCIR, *groups:str, temperature:bool=True) -> list[nn.P
     for name, p in self.named_parameters(): p.requires_grad_(_part(name, lora) in wanted)
     return [p for p in self.parameters() if p.requires_grad]
 
+# %% ../nbs/03d_mllm.ipynb #784fba17
 @patch
 def cir_train(self:MllmCIR):
     "Training mode (a frozen image side stays in eval mode)."
     self.train()
 
+# %% ../nbs/03d_mllm.ipynb #a8ddd925
 @patch
 def train(self:MllmCIR, mode:bool=True):
     "Training mode, except that a fully frozen image side stays in eval mode."
@@ -322,11 +334,13 @@ def train(self:MllmCIR, mode:bool=True):
     if mode and not any(p.requires_grad for p in side.parameters()): side.eval()
     return self
 
+# %% ../nbs/03d_mllm.ipynb #3331a537
 @patch
 def config(self:MllmCIR) -> dict:
     "`{family, llava, tokenizer, prompts, chat_wrap, image, text}`: what `from_config` rebuilds the model from."
     return {"family": self.family, **copy.deepcopy(self.cfg)}
 
+# %% ../nbs/03d_mllm.ipynb #7fc21256
 @patch(cls_method=True)
 def from_config(cls:MllmCIR, config:dict, source=None) -> MllmCIR:
     "A model with random weights from `config()`'s dict."
@@ -334,6 +348,7 @@ def from_config(cls:MllmCIR, config:dict, source=None) -> MllmCIR:
     if missing: raise SpnError(f"an mllm config needs the keys {missing}", file=source)
     return cls(config, provenance=config.get("provenance"))
 
+# %% ../nbs/03d_mllm.ipynb #2da0dc9b
 @patch
 def image_transform(self:MllmCIR, kind:str="targetpad", ratio:float=1.25) -> Callable:
     "PIL image -> tensor at the vision tower's size, with the model's mean and std."
@@ -378,7 +393,7 @@ def check_llava_folder(folder:str|os.PathLike # a Hugging Face model folder
     if not (folder / "tokenizer.json").is_file(): raise SpnError("no tokenizer.json: the mllm family needs a fast tokenizer", folder)
     return cfg
 
-# %% ../nbs/03d_mllm.ipynb #22ba9111
+# %% ../nbs/03d_mllm.ipynb #c26773d8
 def tokenizer_entry(tok # a transformers fast tokenizer
                    ) -> dict:
     "The config's tokenizer entry: its JSON, pad and EOS ids, and the ids it adds before and after a text."
@@ -389,6 +404,7 @@ def tokenizer_entry(tok # a transformers fast tokenizer
     return {"json": tok.backend_tokenizer.to_str(), "pad_id": int(pad or 0), "eos_id": int(eos or 0),
             "prefix": full[:start], "suffix": full[start + len(plain):]}
 
+# %% ../nbs/03d_mllm.ipynb #e18aa21b
 def chat_wrap(processor) -> str:
     "The processor's chat template around one user turn (`{prompt}` where it goes), or `{prompt}` when it has none."
     if not getattr(processor, "chat_template", None): return "{prompt}"
