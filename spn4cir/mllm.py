@@ -466,11 +466,11 @@ def describe(self:MllmCIR, images:torch.Tensor, # (B, 3, H, W) preprocessed imag
                               pad_token_id=tok["pad_id"], eos_token_id=tok["eos_id"])
     return [self.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in out]
 
-# %% ../nbs/03d_mllm.ipynb #dcc3bd20
-from .caption import Captioner, format_prompt, trim_words
+# %% ../nbs/03d_mllm.ipynb #7f5f19df
+from .caption import HFCaptioner, format_prompt
 
-class MllmCaptioner(Captioner):
-    "Captions from a spn4cir mllm model (checkpoint folder, spec or model), batched and greedy."
+class MllmCaptioner(HFCaptioner):
+    "`HFCaptioner` for a spn4cir mllm model (checkpoint folder, spec or model): its prompts, batching and trimming, the model's `describe`."
     def __init__(self, model, # an `MllmCIR`, or a checkpoint folder / spec for `models.load_model`
                  prompt:str|None=None, # template with `{category}` / `{k}` (default: the model's `describe` prompt)
                  max_words:int=10, # k: the prompt's word count, and captions are trimmed to it
@@ -489,16 +489,10 @@ class MllmCaptioner(Captioner):
         name = str(Path(model).resolve()) if not isinstance(model, nn.Module) and Path(str(model)).exists() else str(self.model.provenance.get("spec", model))
         self.provenance = {"captioner": "hf", "model": name, "prompt": self.template, "max_words": max_words}
 
-    def prompt_for(self, name:str) -> str: return format_prompt(self.template, self.categories.get(name, "all"), self.max_words)
-    def line_provenance(self, name): return {**self.provenance, "prompt": self.prompt_for(name)}
-
-    def __call__(self, names, images):
-        prompts, captions = [self.prompt_for(n) for n in names], [None] * len(names)
-        for prompt in dict.fromkeys(prompts):   # one generate call per distinct prompt
-            rows = [i for i, p in enumerate(prompts) if p == prompt]
-            pixels = torch.stack([self.transform(images[i]) for i in rows]).to(self.device)
-            for i, text in zip(rows, self.model.describe(pixels, prompt, self.max_new_tokens)): captions[i] = trim_words(text, self.max_words)
-        return captions
+    def generate(self, images:list, prompts:list[str]) -> list[str]:
+        "Untrimmed greedy captions of images that share one prompt (`HFCaptioner.__call__` groups them so)."
+        pixels = torch.stack([self.transform(im) for im in images]).to(self.device)
+        return self.model.describe(pixels, prompts[0], self.max_new_tokens)
 
 # %% ../nbs/03d_mllm.ipynb #d16443d3
 def caption_slots(caption:str, # a free-text caption
