@@ -488,6 +488,14 @@ class CaptionConfig(Config):
             if getattr(self, name) > 1: raise SpnError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
         parse_shard(self.shard)
 
+def _checkpoint_family(model:str) -> str|None:
+    "The `family` of a spn4cir checkpoint folder, or None for anything else (a hub id, a Hugging Face folder)."
+    file = Path(str(model)) / "config.json"
+    if not file.is_file(): return None
+    try: config = read_json(file)
+    except SpnError: return None
+    return config.get("family") if isinstance(config, dict) and "save_id" in config else None
+
 def make_captioner(config:CaptionConfig, # the settings (captioner, model, captions_from, vocab, prompt, noise, device)
                    categories:dict[str, str]|None=None # hf: image name -> category for the prompt
                   ) -> Captioner:
@@ -499,6 +507,10 @@ def make_captioner(config:CaptionConfig, # the settings (captioner, model, capti
     if c.captioner == "clip-vocab":
         if c.vocab is None: raise SpnError("the clip-vocab captioner needs a vocabulary file (--vocab)")
         return ClipVocabCaptioner(c.model, c.vocab, device=c.device)
+    if _checkpoint_family(c.model) == "mllm":   # a spn4cir mllm checkpoint captions with its own generate
+        from spn4cir.mllm import MllmCaptioner
+        return MllmCaptioner(c.model, prompt=c.prompt, max_words=c.max_words or default_words(c.format), max_new_tokens=c.max_new_tokens,
+                             categories=categories, device=c.device)
     return HFCaptioner(c.model, prompt=c.prompt, max_words=c.max_words or default_words(c.format), max_new_tokens=c.max_new_tokens,
                        categories=categories, device=c.device, precision=c.precision)
 
