@@ -195,3 +195,72 @@ def test_cli_eval_and_positives_take_a_blip2_checkpoint(shapes, pretrained, tmp_
     out = subprocess.run([str(Path(sys.executable).parent / "spn4cir"), "viz", "--data", str(shapes), "--format", "cirr", "--model", str(ckpt),
                           "--out", str(tmp_path / "viz"), "--max-queries", "8", "--device", "cpu"], capture_output=True, text=True)
     assert out.returncode == 2 and "embedding plots need one vector per image; the blip2 family gives 4" in out.stderr
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_stage2_interrupted_after_an_epoch_resumes_to_the_uninterrupted_run(shapes, pretrained, tmp_path, monkeypatch):
+    import spn4cir.engine as engine
+    start, _ = pretrained
+    run = dict(epochs=2, batch_size=8, lr=1e-4, tau=0.05, device="cpu")
+    full = train_stage2(Stage2Config(str(shapes), "cirr", str(start), str(tmp_path / "full"), **run), progress=False)
+    real, calls = engine.draw_curve, []
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1: raise KeyboardInterrupt        # killed right after epoch 1 was saved
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine, "draw_curve", interrupted)
+    with pytest.raises(KeyboardInterrupt): train_stage2(Stage2Config(str(shapes), "cirr", str(start), str(tmp_path / "cut"), **run), progress=False)
+    resumed = train_stage2(Stage2Config(str(shapes), "cirr", str(start), str(tmp_path / "cut"), resume=True, **run), progress=False)
+    strip = lambda hs: [{k: v for k, v in h.items() if k not in ("seconds", "val_seconds", "triplets_per_second")} for h in hs]
+    assert strip(resumed["history"]) == strip(full["history"]) and len(full["history"]) == 3
+    a, b = _weights(find_train_state(tmp_path / "cut", STAGE2_STATE)), _weights(find_train_state(tmp_path / "full", STAGE2_STATE))
+    assert a.keys() == b.keys() and any(k.startswith("query_qformer.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_during_pretraining_then_rerun_ends_like_an_uninterrupted_run(shapes, tmp_path):
+    import signal, time
+    from spn4cir.engine import read_train_state
+    exe = str(Path(sys.executable).parent / "spn4cir")
+    def argv(out): return [exe, "pretrain", "--data", str(shapes), "--out", str(out), "--model", TINY_NAME, "--epochs", "3",
+                           "--batch-size", "16", "--lr", "2e-3", "--val-fraction", "0.25", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(argv(tmp_path / "clean"), env=env, capture_output=True, check=True)
+    victim = subprocess.Popen(argv(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victim.poll() is None:
+        state = find_train_state(tmp_path / "killed", "pretrain_state")
+        if state is not None and len(read_train_state(state)["history"]) >= 2: break    # epoch 1 saved: kill during epoch 2
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL); victim.wait()
+    subprocess.run(argv(tmp_path / "killed"), env=env, capture_output=True, check=True)
+    a, b = _weights(tmp_path / "killed"), _weights(tmp_path / "clean")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = [json.loads(l) for l in (tmp_path / "killed" / "pretrain_history.jsonl").read_text().splitlines()]
+    hb = [json.loads(l) for l in (tmp_path / "clean" / "pretrain_history.jsonl").read_text().splitlines()]
+    assert [h["step_loss"] for h in ha if "step_loss" in h] == [h["step_loss"] for h in hb if "step_loss" in h] and len(hb) == 4
+
+
+RUN_SCRIPT = """
+import sys
+from spn4cir.stage1 import Stage1Config, train_stage1
+ckpt, data, out = sys.argv[1:4]
+train_stage1(Stage1Config(data, "cirr", ckpt, out, epochs=1, batch_size=8, lr=1e-4, tau=0.05, device="cpu"), progress=False)
+"""
+
+def test_stage1_on_two_gloo_processes_matches_one_process(shapes, pretrained, tmp_path):
+    start, _ = pretrained
+    script = tmp_path / "run.py"; script.write_text(RUN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(start), str(shapes), str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    single = train_stage1(Stage1Config(str(shapes), "cirr", str(start), str(tmp_path / "one"), epochs=1, batch_size=8, lr=1e-4, tau=0.05,
+                                       device="cpu"), progress=False)
+    ddp = [json.loads(l) for l in (tmp_path / "ddp" / "stage1_history.jsonl").read_text().splitlines()]
+    assert ddp[1]["train_loss"] == pytest.approx(single["history"][1]["train_loss"], abs=1e-5)
+    a, b = _weights(find_train_state(tmp_path / "ddp", "stage1_state")), _weights(find_train_state(tmp_path / "one", "stage1_state"))
+    for name in a: torch.testing.assert_close(a[name], b[name], atol=0.25 * 1e-4, rtol=0)   # a fraction of one Adam step
+    assert any(not torch.equal(a[k], _weights(start)[k]) for k in a if k.startswith("vision_model."))   # the ViT trained too
