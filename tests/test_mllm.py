@@ -243,3 +243,13 @@ def test_sigkill_stage2_then_resume_ends_like_an_uninterrupted_run(shapes, tmp_p
     assert strip(history) == strip(tmp_path / "clean" / "stage2_history.jsonl") and len(strip(history)) == 3
     a, b = _weights(find_train_state(tmp_path / "killed", STATE_DIR)), _weights(find_train_state(tmp_path / "clean", STATE_DIR))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_stage2_trains_only_the_adapters(shapes, tmp_path):
+    model = tiny_mllm(seed=6, lora={"r": 4})
+    save_checkpoint(model, tmp_path / "start")
+    train_stage2(Stage2Config(str(shapes), "cirr", str(tmp_path / "start"), str(tmp_path / "s2"), epochs=1, batch_size=8, lr=1e-3, tau=0.05),
+                 progress=False)
+    a, b = _weights(tmp_path / "start"), _weights(find_train_state(tmp_path / "s2", STATE_DIR))
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all("lora_" in k for k in changed), sorted(changed)[:5]
