@@ -47,7 +47,7 @@ def test_unknown_benchmark_refused(tmp_path):
 
 
 def test_quick_run_writes_the_report(tmp_path):
-    names = ["stage2_step", "bank_logits", "stage2_epoch", "extraction", "retrieval", "captioning", "search"]
+    names = ["stage2_step", "bank_logits", "stage2_epoch", "extraction", "retrieval", "captioning", "search", "families"]
     summary = run_bench(BenchConfig(tmp_path, quick=True, only=names))
     assert summary["failed"] == [] and summary["benchmarks"] == names
     report = read_json(tmp_path / "bench.json")
