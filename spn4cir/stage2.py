@@ -22,7 +22,7 @@ from .engine import (Plan, RunFiles, TrainJob, cir_train_mode, cir_validation, f
                             resolved_settings, rng_stream, run_epochs, text_rng, validate_cir)
 from .images import IMAGE_SUFFIXES, duplicate_groups, file_stamps, image_fingerprint
 from .models import load_checkpoint, load_model, squeeze_targets
-from .stage1 import TrainingSet, check_cir_fields, epoch_order, train_text, training_set
+from .stage1 import TrainingSet, check_cir_fields, epoch_order, infonce_loss, train_text, training_set
 
 # %% auto #0
 __all__ = ['EXTRA_PREFIX', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'bank_cache_key', 'ImageBank', 'build_banks',
@@ -278,7 +278,6 @@ def in_batch_loss(queries:torch.Tensor, # (B, D) unit queries
                   tau:float # temperature
                  ) -> torch.Tensor:
     "InfoNCE of each query against the targets of its own batch only (bank rows of the batch; a target the batch holds twice is no negative of itself)."
-    from spn4cir.stage1 import infonce_loss
     targets = targets.to(target_bank.device)
     rows = target_bank[targets].float()
     return infonce_loss(queries.float(), rows.to(queries.device), tau, groups=targets.to(queries.device))
