@@ -28,7 +28,8 @@ def _rows_scores(queries:torch.Tensor, rows:torch.Tensor, scale:float) -> tuple[
     "Scores `(B, C)` in the queries' dtype of the queries against rows `(C, D)` or `(C, K, D)` (max over K), and the argmax `(B, C)` (None for K = 1)."
     dtype = _score_dtype(queries, rows)
     flat = rows.reshape(-1, rows.shape[-1]).to(dtype)                                 # (C*K, D)
-    scores = (queries.to(dtype) @ flat.T).to(queries.dtype).mul_(scale)                 # (B, C*K)
+    scores = (queries.to(dtype) @ flat.T).to(queries.dtype)                            # (B, C*K)
+    if scale != 1.0: scores.mul_(scale)
     if rows.ndim == 2 or rows.shape[1] == 1: return scores, None
     return scores.view(len(queries), rows.shape[0], rows.shape[1]).max(dim=2)
 
@@ -56,13 +57,13 @@ def _check_scoring(queries:torch.Tensor, bank:torch.Tensor, tau:float, allow_emp
     if not tau > 0: raise SpnError(f"tau must be positive, got {tau}")
 
 # %% ../nbs/07a_bank.ipynb #c85e6777
-_CPU_TILE_BYTES = 4 * 2**20                   # bank rows per step on a CPU: a tile this size is still in cache for its second product
+_CPU_TILE_BYTES = {torch.bfloat16: 5 * 2**20, torch.float16: 5 * 2**20}   # bank bytes per step of the scan on a CPU; other dtypes: 1.25 MB
 
 def _tile_rows(bank:torch.Tensor, chunk_size:int) -> int:
-    "Bank rows per step of the scan: `chunk_size`, and on a CPU at most about 4 MB of rows (but at least 64)."
+    "Bank rows per step of the scan: `chunk_size`, and on a CPU at most 1.25 MB of float32 rows (5 MB of half-precision ones), at least 64."
     if bank.device.type != "cpu" or bank.shape[0] == 0: return chunk_size
-    row_bytes = max(1, bank[0].numel() * max(bank.element_size(), 4))
-    return min(chunk_size, max(64, _CPU_TILE_BYTES // row_bytes))
+    row_bytes = max(1, bank[0].numel() * bank.element_size())
+    return min(chunk_size, max(64, _CPU_TILE_BYTES.get(bank.dtype, 5 * 2**18) // row_bytes))
 
 def _accumulate(weighted:torch.Tensor, probs:torch.Tensor, rows:torch.Tensor, which:torch.Tensor|None):
     "`weighted += probs @ rows`, each row's argmax vector standing for it (multi-vector rows), as one matrix product."
@@ -77,20 +78,26 @@ def _accumulate(weighted:torch.Tensor, probs:torch.Tensor, rows:torch.Tensor, wh
 def _scan(queries:torch.Tensor, bank:torch.Tensor, scale:float, chunk_size:int, exclude:torch.Tensor|None, need_grad:bool):
     "One pass over the bank: running max `(B,)`, sum of `exp(score - max)` `(B,)` and the same-weighted sum of bank vectors `(B, D)`."
     run_max = torch.full(queries.shape[:1], -math.inf, dtype=queries.dtype, device=queries.device)
+    shift = torch.zeros_like(run_max)                                                    # the running max where finite: what exp subtracts
     run_sum = torch.zeros_like(run_max)
     weighted = torch.zeros_like(queries) if need_grad else None
+    scaled = queries * scale                                                             # scaled once, not every tile
     tile = _tile_rows(bank, chunk_size)
     for start in range(0, bank.shape[0], tile):
         rows = bank[start:start + tile]
-        scores, which = _rows_scores(queries, rows, scale)                               # (B, C)
+        scores, which = _rows_scores(scaled, rows, 1.0)                                  # (B, C)
         if exclude is not None: _mask_excluded(scores, exclude, start)
-        new_max = torch.maximum(run_max, scores.amax(dim=1))
-        shift = torch.where(new_max > -math.inf, new_max, torch.zeros_like(new_max))    # nothing seen yet: nothing to rescale
-        rescale = torch.exp(run_max - shift)                                             # the old terms, moved to the new max
+        top = scores.amax(dim=1)
+        if bool((top > run_max).any()):                                                  # a max moved (rarely, after the first tiles)
+            new_max = torch.maximum(run_max, top)
+            new_shift = torch.where(new_max > -math.inf, new_max, torch.zeros_like(new_max))
+            rescale = torch.exp(run_max - new_shift)                                     # the old terms, moved to the new max (0: none yet)
+            run_sum.mul_(rescale)
+            if weighted is not None: weighted.mul_(rescale[:, None])
+            run_max, shift = new_max, new_shift
         probs = scores.sub_(shift[:, None]).exp_()                                       # (B, C), in place of the scores
-        run_sum = run_sum * rescale + probs.sum(dim=1)
-        if weighted is not None: _accumulate(weighted.mul_(rescale[:, None]), probs, rows, which)
-        run_max = new_max
+        run_sum += probs.sum(dim=1)
+        if weighted is not None: _accumulate(weighted, probs, rows, which)
     return run_max, run_sum, weighted
 
 # %% ../nbs/07a_bank.ipynb #5c44f17f

@@ -139,6 +139,20 @@ _TEXTS = ["is red and has long sleeves instead of short ones", "Unlike a blue ci
 
 _STEP_TARGETS = {"100k": ("<=", 1.03), "1M": ("<=", 1.1), "1M bf16": ("<=", 1.1)}   # issue 17: the one-pass bank loss at 100k and 1M rows
 
+def _step_figures(setup:dict) -> list[dict]:
+    "The stage-2 step figures, one per bank size, from the timings `bench_stage2_step` collected."
+    t_text, dim = _median(setup["text_step_seconds"]), setup["dim"]
+    figures = []
+    for k, m in setup["bank_rows"].items():
+        bank, floor, full = _median(setup["bank_loss_seconds"][k]), _median(setup["product_seconds"][k]), setup["whole_step_seconds"].get(k)
+        note = (f"batch {setup['batch']}; text step median of {len(setup['text_step_seconds'])}, bank loss (forward + backward) median of "
+                f"{len(setup['bank_loss_seconds'][k])}; the plain product q @ bank.T alone {floor:.3f} s (one read of the bank: the floor is "
+                f"{(t_text + floor) / t_text:.3f}x)" + (f"; one whole step measured {full:.2f} s" if full is not None else ""))
+        figures.append(figure(f"stage-2 step / text step, {k} rows", quantity(f"text step + bank loss, bank {m:,} x {dim} {setup['bank_dtypes'][k]}",
+                                                                               t_text + bank, "s"),
+                              quantity("text-tower step alone", t_text, "s"), _STEP_TARGETS.get(k), PREDICTIONS[f"stage2_step/{k}"], note))
+    return figures
+
 def bench_stage2_step(quick:bool=False, # tiny model and banks of 10k and 100k rows
                       device:str="cpu", # where the step runs
                       workdir:Path|None=None # unused (the same signature as every benchmark)
@@ -147,7 +161,7 @@ def bench_stage2_step(quick:bool=False, # tiny model and banks of 10k and 100k r
     from spn4cir.models import load_model
     from spn4cir.bank import bank_loss
     from spn4cir.stage2 import bank_queries, freeze_image_side
-    spec, batch, reps, bank_reps = ("spn-tiny-rn", 8, 3, 1) if quick else ("RN50x4", 8, 3, 2)
+    spec, batch, reps, bank_reps = ("spn-tiny-rn", 8, 3, 1) if quick else ("RN50x4", 8, 5, 2)
     sizes = {"10k": 10_000, "100k": 100_000} if quick else {"10k": 10_000, "100k": 100_000, "1M": 1_000_000, "1M bf16": 1_000_000}
     torch.manual_seed(0)
     model = load_model(spec, device=device)
@@ -174,30 +188,32 @@ def bench_stage2_step(quick:bool=False, # tiny model and banks of 10k and 100k r
         with Timer() as t: bank_loss(queries, banks[key], targets, tau).backward()          # every bank row a negative
         return t.wall
 
+    def product(key:str) -> float:                                                           # the floor: one read of the bank
+        queries = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1).to(device, banks[key].dtype)
+        with Timer() as t: queries @ banks[key].T
+        return t.wall
+
     def full_step(key:str) -> float:
         with Timer() as t:
             loss = bank_loss(bank_queries(model, banks[key], rows, texts), banks[key], targets, tau)
             optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
         return t.wall
 
-    text_step(); bank_part("10k")                                                            # warm-up: allocator, kernels, optimizer state
-    text, bank = [], {k: [] for k in sizes}
+    for _ in range(2): text_step()                                                           # warm-up: allocator, kernels, optimizer state
+    bank_part("10k")
+    text, bank, floor = [], {k: [] for k in sizes}, {k: [] for k in sizes}
     for r in range(reps):
         text.append(text_step())
         for k, m in sizes.items():
             for _ in range(bank_reps if m <= 100_000 else 1): bank[k].append(bank_part(k))   # the 1M pass is slow and steady
+            floor[k].append(product(k))
         _log(f"stage2_step repetition {r + 1}/{reps}: text step {text[-1]:.2f} s, bank loss " +
              ", ".join(f"{k} {_median(v[-bank_reps:]):.3f} s" for k, v in bank.items()))
     full = {k: full_step(k) for k in sizes if k != "10k"}                                    # one whole step per size, as a check
-    t_text = _median(text)
-    figures = [figure(f"stage-2 step / text step, {k} rows", quantity(f"text step + bank loss, bank {m:,} x {dim} {banks[k].dtype}".replace("torch.", ""),
-                                                                              t_text + _median(bank[k]), "s"),
-                      quantity("text-tower step alone", t_text, "s"), _STEP_TARGETS.get(k),
-                      PREDICTIONS[f"stage2_step/{k}"], f"batch {batch}; text step median of {reps}, bank loss (forward + backward) "
-                      f"median of {len(bank[k])}" + (f"; one whole step measured {full[k]:.2f} s" if k in full else ""))
-               for k, m in sizes.items()]
-    return {"setup": {"model": spec, "batch": batch, "dim": dim, "bank_rows": list(sizes.values()), "text_step_seconds": text,
-                      "bank_loss_seconds": bank, "whole_step_seconds": full}, "figures": figures}
+    setup = {"model": spec, "batch": batch, "dim": dim, "bank_rows": sizes, "bank_dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in banks.items()},
+             "text_step_seconds": text, "bank_loss_seconds": bank, "product_seconds": floor, "whole_step_seconds": full}
+    return {"setup": setup, "figures": _step_figures(setup)}
+
 
 # %% ../nbs/12_bench.ipynb #b496f509
 def bench_bank_logits(quick:bool=False, # 100k bank rows and 32 queries instead of 1M and 256

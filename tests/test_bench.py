@@ -66,7 +66,7 @@ def test_quick_run_writes_the_report(tmp_path):
             assert (f["passed"] is None) == (f["target"] is None)
     agree = next(f for f in report["benchmarks"]["retrieval"]["figures"] if f["name"] == "rows identical to brute force")
     assert agree["ratio"] == 1.0 and agree["passed"] is True
-    assert report["benchmarks"]["stage2_step"]["setup"]["bank_rows"] == [10_000, 100_000]
+    assert report["benchmarks"]["stage2_step"]["setup"]["bank_rows"] == {"10k": 10_000, "100k": 100_000}
     searched = report["benchmarks"]["search"]["setup"]["runs"]["20000"]
     assert searched["exact"]["recall@10"] == 1.0 and all(0 < searched[k]["recall@10"] <= 1 for k in ("hnsw", "ivf"))
     table = (tmp_path / "bench.md").read_text()
