@@ -60,15 +60,17 @@ def _png_bytes(fig:Figure, dpi:int=90) -> bytes:
     return buffer.getvalue()
 
 # %% ../nbs/09_visualization.ipynb #9b6df0d1
-def _unit_rows(x, # (N, D) torch tensor or array
-               name:str) -> torch.Tensor: # what it is, for errors
-    "Rows of `x` as an L2-normalised float32 CPU tensor; `SpnError` on a bad shape or a non-finite value."
+def _unit_rows(x, # (N, D) torch tensor or array; (N, K, D) too when `multi`
+               name:str, # what it is, for errors
+               multi:bool=False) -> torch.Tensor:
+    "Rows of `x` (each of their K vectors) L2-normalised, as a float32 CPU tensor; `SpnError` on a bad shape or a non-finite value."
     t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    if t.ndim != 2: raise SpnError(f"{name} must be a 2-D (N, D) array, got shape {tuple(t.shape)}")
+    if t.ndim != 2 and not (multi and t.ndim == 3 and t.shape[1] >= 1):
+        raise SpnError(f"{name} must be a 2-D (N, D) array{' or (N, K, D)' if multi else ''}, got shape {tuple(t.shape)}")
     t = t.to("cpu", torch.float32)
-    bad = ~torch.isfinite(t).all(dim=1)
+    bad = ~torch.isfinite(t.reshape(len(t), -1)).all(dim=1)
     if bad.any(): raise SpnError(f"{name} row {int(bad.nonzero()[0])} holds NaN or infinite values")
-    return F.normalize(t, dim=1)
+    return F.normalize(t, dim=-1)
 
 def _gallery_rows(x, name:str, n_queries:int, n_gallery:int) -> torch.Tensor:
     "One gallery row (or -1) per query, as a long tensor."
@@ -81,7 +83,7 @@ def _gallery_rows(x, name:str, n_queries:int, n_gallery:int) -> torch.Tensor:
 class SplitEmbeddings:
     "One model's view of one split: composed queries, gallery images and the rows that link them."
     queries:Any # (Q, D) composed queries (normalised here)
-    gallery:Any # (G, D) gallery or bank images (normalised here)
+    gallery:Any # (G, D) gallery or bank images, or (G, K, D) for families with K vectors per image (normalised here)
     target_rows:Any # (Q,) gallery row of each query's target, -1 where unknown
     reference_rows:Any # (Q,) gallery row of each query's reference, -1 where not in the gallery
     names:list[str] # G gallery image names
@@ -94,11 +96,11 @@ class SplitEmbeddings:
     label:str="model" # the name in titles and legends
 
     def __post_init__(self):
-        self.queries, self.gallery = _unit_rows(self.queries, "queries"), _unit_rows(self.gallery, "gallery")
+        self.queries, self.gallery = _unit_rows(self.queries, "queries"), _unit_rows(self.gallery, "gallery", multi=True)
         n_q, n_g = len(self.queries), len(self.gallery)
         if n_q == 0 or n_g == 0: raise SpnError(f"needs at least one query and one gallery image, got {n_q} and {n_g}")
-        if self.queries.shape[1] != self.gallery.shape[1]:
-            raise SpnError(f"queries have {self.queries.shape[1]} dimensions but the gallery has {self.gallery.shape[1]}")
+        if self.queries.shape[1] != self.gallery.shape[-1]:
+            raise SpnError(f"queries have {self.queries.shape[1]} dimensions but the gallery has {self.gallery.shape[-1]}")
         self.target_rows = _gallery_rows(self.target_rows, "target_rows", n_q, n_g)
         self.reference_rows = _gallery_rows(self.reference_rows, "reference_rows", n_q, n_g)
         self.names, self.texts = list(self.names), list(self.texts)
@@ -119,10 +121,17 @@ class SplitEmbeddings:
             self.reference_features = ref
 
     def __len__(self) -> int: return len(self.queries)
+
+    @property
+    def image_points(self) -> torch.Tensor:
+        "`(G, D)`: one unit vector per gallery image to draw, the normalised mean of its K vectors (as `positives.embed_images`)."
+        return self.gallery if self.gallery.ndim == 2 else F.normalize(self.gallery.mean(dim=1), dim=-1)
+
     def __repr__(self):
         n_t = int((self.target_rows >= 0).sum())
         return (f"SplitEmbeddings({self.label!r}: {len(self)} queries ({n_t} with a target in the gallery), "
-                f"{len(self.gallery)} gallery images, dim {self.queries.shape[1]})")
+                f"{len(self.gallery)} gallery images{'' if self.gallery.ndim == 2 else f' of {self.gallery.shape[1]} vectors'}, "
+                f"dim {self.queries.shape[1]})")
 
 # %% ../nbs/09_visualization.ipynb #62d16e37
 @torch.no_grad()
@@ -162,7 +171,6 @@ def embed_split(model, # a `CIRModel` (e.g. from `models.load_model`)
     try:
         dataset = ImageDataset(list(first_name), transform, list(first_name.values()))
         targets, states = encode_gallery(model, dataset, batch_size, workers, precision, progress)
-        if targets.ndim != 2: raise SpnError(f"embedding plots need one vector per image; the {model.family} family gives {targets.shape[1]}")
         image_rows = torch.tensor([where[p] for p in paths])                           # gallery row -> encoded image
         reference_rows, texts = torch.tensor([q[2] for q in queries]), [q[0] for q in queries]
         composed = query_features(model, image_rows[reference_rows], texts, states, dataset, batch_size, precision)
@@ -194,7 +202,12 @@ def read_image_attributes(root:str|os.PathLike # dataset root (the folder that m
 def _candidate_scores(emb:SplitEmbeddings, rows:torch.Tensor, # query rows
                       queries:torch.Tensor|None=None) -> torch.Tensor: # unit rows standing in for those queries (typed texts)
     "Cosine scores `(len(rows), G)`, the rows a query may not retrieve at minus infinity."
-    scores = (emb.queries[rows] if queries is None else queries) @ emb.gallery.T
+    q = emb.queries[rows] if queries is None else queries
+    if emb.gallery.ndim == 2: scores = q @ emb.gallery.T
+    else:                                                              # K vectors per image: its best one scores it, as in evaluation
+        g, (n, k) = emb.gallery.reshape(-1, emb.gallery.shape[-1]), emb.gallery.shape[:2]
+        step = max(1, 2**25 // (n * k))                                # queries per product: about 128 MB of scores at a time
+        scores = torch.cat([(q[i:i + step] @ g.T).view(-1, n, k).amax(dim=2) for i in range(0, len(q), step)])
     if emb.exclude_reference:
         refs = emb.reference_rows[rows]
         hit = (refs >= 0).nonzero()[:, 0]
@@ -339,7 +352,7 @@ def plot_embedding_space(stages:SplitEmbeddings|Sequence[SplitEmbeddings], # one
     rest = np.setdiff1d(np.arange(len(first.gallery)), target_rows)
     others = np.sort(rng.choice(rest, min(len(rest), max(0, max_gallery - len(target_rows))), replace=False))
     rows = np.concatenate([others, target_rows])                     # drawn gallery rows: others, then targets
-    blocks = [b for s in stages for b in (s.gallery[rows], s.queries[shown])]
+    blocks = [b for s in stages for b in (s.image_points[rows], s.queries[shown])]     # K vectors per image: their mean
     points, axis_labels = project_2d(blocks, method, seed)
     where = {int(r): i for i, r in enumerate(rows)}
     query_at = {int(q): i for i, q in enumerate(shown)}
