@@ -89,7 +89,7 @@ class SplitEmbeddings:
     names:list[str] # G gallery image names
     texts:list[str] # Q modification texts, as the model read them
     paths:list|None=None # G image files (needed by galleries and the explorer)
-    reference_features:Any=None # (Q, D) raw reference features (needed to compose typed texts)
+    reference_features:Any=None # (Q, ...) reference states, e.g. raw image features (needed to compose typed texts)
     query_groups:list[str]|None=None # Q categories: a query ranks only the gallery images of its category
     gallery_groups:list[str]|None=None # G categories of the gallery images
     exclude_reference:bool=True # remove each query's reference from its ranking (CIRR); False keeps it (FashionIQ)
@@ -116,8 +116,8 @@ class SplitEmbeddings:
             self._gallery_codes = torch.tensor([codes[g] for g in self.gallery_groups])
         if self.reference_features is not None:
             ref = torch.as_tensor(self.reference_features).detach().to("cpu", torch.float32)
-            if tuple(ref.shape) != tuple(self.queries.shape):
-                raise SpnError(f"reference_features must have the queries' shape {tuple(self.queries.shape)}, got {tuple(ref.shape)}")
+            if ref.ndim < 2 or len(ref) != len(self.queries):                # (Q, D) features, or a family's (Q, ...) states (MLLM: image tokens)
+                raise SpnError(f"reference_features must hold one state per query ({len(self.queries)}, ...), got {tuple(ref.shape)}")
             self.reference_features = ref
 
     def __len__(self) -> int: return len(self.queries)

@@ -38,7 +38,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes") / "data"
-    write_shapes_cir(root, "cirr", seed=2, n_train_triplets=16, n_unlabeled=6, n_val=12, n_test=4, n_pretrain=64,
+    write_shapes_cir(root, "cirr", seed=2, n_train_triplets=16, n_unlabeled=6, n_val=12, n_test=20, n_pretrain=64,
                      n_duplicates=2, progress=False)
     return root
 
@@ -197,6 +197,9 @@ def test_cli_eval_and_positives_take_a_blip2_checkpoint(shapes, pretrained, tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("embedding_space", "retrieval_gallery", "score_distributions"):
         assert (tmp_path / "viz" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    files = spn4cir_cli("submit", "--data", shapes, "--model", ckpt, "--out", tmp_path / "submit", "--device", "cpu")["files"]
+    recall = json.loads(next(Path(f) for f in files if f.endswith("_recall.json")).read_text())
+    assert recall["version"] == "rc2" and recall["metric"] == "recall" and len(recall) - 2 > 0
 
 
 def _weights(folder):

@@ -1,5 +1,6 @@
 "The mllm family (LLaVA as an InstructCIR / E5-V embedder): interface, padding, checkpoints, LLaVA folders, refusals, pretraining, stages, captioning."
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,6 +181,10 @@ def test_stage1_then_stage2_keep_the_image_side(shapes, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(start.image_side().state_dict().values(), trained.image_side().state_dict().values()))
     lm = lambda m: m.llava.model.language_model.state_dict().values()
     assert any(not torch.equal(a, b) for a, b in zip(lm(start), lm(trained)))
+    # the trained checkpoint goes through viz like any other (submit needs 50 test images; test_blip2 runs it)
+    from spn4cir.visualize import VizConfig, visualize_model
+    plots = visualize_model(VizConfig(str(shapes), "cirr", str(tmp_path / "s2"), str(tmp_path / "viz"), max_queries=8, device="cpu"), progress=False)
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots.values()) and len(plots) >= 3
 
 
 def test_stage2_step_uses_cached_states(tiny, tmp_path):
