@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from .core import Config, SpnError, check_count, check_number, pick_device, pick_precision, read_jsonl, resolve_inside, seed_everything
 from .data import load_image
@@ -63,10 +64,23 @@ class CaptionPairs(Dataset):
                  source:str|os.PathLike|None=None): # the captions file, for errors
         self.records, self.transform, self.source = records, transform, source
         self.tokens = tokenize([r["caption"] for r in records])   # (N, L): tokenised once, up front
+        self.images = None                                         # (N, 3, H, W) once `cache` has run
+
+    def cache_bytes(self) -> int:
+        "Bytes the preprocessed images would take in memory (from the first one)."
+        return len(self) * self[0][0].numel() * 4 if len(self) else 0
+
+    def cache(self, workers:int=0, progress:bool=True) -> CaptionPairs:
+        "Decode and preprocess every image once and keep them in memory (the families' transforms are deterministic); returns self."
+        loader = DataLoader(self, batch_size=64, num_workers=workers)
+        batches = [x for x, _ in tqdm(loader, desc="decoding pretraining images", disable=not progress, leave=False)]
+        self.images = torch.cat(batches) if batches else torch.empty(0)
+        return self
 
     def __len__(self): return len(self.records)
 
     def __getitem__(self, i:int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images is not None: return self.images[i], self.tokens[i]
         image = load_image(self.records[i]["image"], file=self.source, record=f"pair {i}")
         return self.transform(image), self.tokens[i]
 
@@ -123,11 +137,12 @@ class PretrainConfig(Config):
     device:str|None = None # 'cpu', 'cuda', ... (default: CUDA when present)
     precision:Literal["fp32", "bf16", "fp16"]|None = None # autocast dtype (default: bf16/fp16 on CUDA, fp32 on CPU)
     num_workers:int|None = None # data-loader workers (default: 0 on CPU, up to 8 on CUDA)
+    cache_gb:float = 4.0 # keep the preprocessed images in memory (decoded once, not every epoch) when they take at most this many GB
     resume:bool = True # continue a run found in OUT (with the same settings)
 
     def check(self):
         check_count(self, "epochs"); check_count(self, "batch_size", 2); check_count(self, "max_val", 0)
-        check_count(self, "num_workers", 0, optional=True)
+        check_count(self, "num_workers", 0, optional=True); check_number(self, "cache_gb", 0)
         check_number(self, "lr", 0, above=True); check_number(self, "weight_decay", 0)
         for name in ("warmup", "val_fraction"):
             check_number(self, name, 0)
@@ -135,7 +150,7 @@ class PretrainConfig(Config):
 
     def changeable(self) -> tuple[str, ...]:
         "Settings a resumed run may change (the epochs shape the cosine schedule, so they may not)."
-        return ("resume", "device", "num_workers")
+        return ("resume", "device", "num_workers", "cache_gb")
 
 # %% ../nbs/03b_pretrain.ipynb #6ef09ac9
 def _decay_groups(model:torch.nn.Module, weight_decay:float) -> list[dict]:
@@ -200,6 +215,8 @@ def pretrain_model(config:PretrainConfig, # the run's settings
     net.provenance["pretrained"] = {"captions": str(captions.resolve()), "pairs": len(train)}
     batch = min(config.batch_size, len(train))
     train_pairs, val_pairs = (CaptionPairs(r, net.image_transform(), net.tokenize, captions) for r in (train, val))
+    if train_pairs.cache_bytes() + val_pairs.cache_bytes() <= config.cache_gb * 2**30:      # decoded once instead of every epoch
+        for pairs in (train_pairs, val_pairs): pairs.cache(workers, progress)
     total = config.epochs * (len(train) // batch)
     optimizer = torch.optim.AdamW(_decay_groups(net, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("cosine", total, max(1, round(config.warmup * total))))
