@@ -16,8 +16,8 @@ from .core import SpnError, write_json
 
 # %% auto #0
 __all__ = ['CIRR_KS', 'CIRR_SUBSET_KS', 'FASHIONIQ_KS', 'FASHIONIQ_PROTOCOLS', 'CIRCO_KS', 'GENECIS_KS', 'HEADLINES',
-           'BENCHMARK_FORMATS', 'target_ranks', 'topk_retrieval', 'cirr_ranks', 'cirr_metrics', 'fashioniq_ranks',
-           'fashioniq_metrics', 'fashioniq_average', 'cirr_submission', 'write_cirr_submission',
+           'BENCHMARK_FORMATS', 'score_chunks', 'target_ranks', 'topk_retrieval', 'cirr_ranks', 'cirr_metrics',
+           'fashioniq_ranks', 'fashioniq_metrics', 'fashioniq_average', 'cirr_submission', 'write_cirr_submission',
            'circo_ranking_metrics', 'circo_metrics', 'circo_submission', 'write_circo_submission', 'genecis_metrics',
            'genecis_ranking_metrics', 'query_text', 'SplitFeatures', 'encode_gallery', 'encode_images',
            'query_features', 'encode_split', 'metrics_of', 'headline_score', 'evaluate_model', 'query_ranks',
@@ -70,7 +70,7 @@ def _rows_of(index:dict[str, int], # from `_name_index`
     return torch.tensor(rows, dtype=torch.long)
 
 # %% ../nbs/08_evaluation.ipynb #15223a7b
-def _score_chunks(query:torch.Tensor, # (Q, D) unit rows
+def score_chunks(query:torch.Tensor, # (Q, D) unit rows
                   gallery:torch.Tensor, # (G, D) unit rows, or (G, K, D) rows of K unit vectors, same device and dtype
                   chunk_size:int # queries per chunk
                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -108,7 +108,7 @@ def _rank_chunks(query:torch.Tensor, gallery:torch.Tensor, # unit rows, same dev
     "Pessimistic 0-based target ranks in the gallery and in the subsets (inf: not rankable)."
     ranks = torch.empty(len(query), dtype=torch.float64)
     subset_ranks = None if subsets is None else torch.empty(len(query), dtype=torch.float64)
-    for start, stop, scores in _score_chunks(query, gallery, chunk_size):
+    for start, stop, scores in score_chunks(query, gallery, chunk_size):
         tgt = targets[start:stop].to(scores.device)[:, None]
         target_score = scores.gather(1, tgt)
         if subsets is not None:
@@ -175,7 +175,7 @@ def topk_retrieval(query_feats, # (Q, D) query features
     excluded = _exclusions(exclude, len(q), len(g))
     if k < 1: raise SpnError(f"k must be at least 1, got {k}")
     indices, values = torch.empty(len(q), k, dtype=torch.long), torch.empty(len(q), k, dtype=dtype)
-    for start, stop, scores in _score_chunks(q, g, chunk_size):
+    for start, stop, scores in score_chunks(q, g, chunk_size):
         _remove(scores, excluded[start:stop])
         _check_enough(scores, k, start)
         cols, vals = _stable_topk(scores, k)
@@ -336,7 +336,7 @@ def cirr_submission(query_feats, # (Q, D) composed query features of the test sp
     subsets = _subset_rows(index, group_members, refs)
     recall = {"version": "rc2", "metric": "recall"}
     recall_subset = {"version": "rc2", "metric": "recall_subset"}
-    for start, stop, scores in _score_chunks(q, g, chunk_size):
+    for start, stop, scores in score_chunks(q, g, chunk_size):
         members = subsets[start:stop].to(scores.device)
         member_scores = scores.gather(1, members.clamp(min=0)).masked_fill(members < 0, -torch.inf)
         _check_enough(member_scores, subset_k, start, "group members are in the gallery besides the reference")

@@ -418,7 +418,7 @@ def _auto_sample_size(a:int, b:int, pool:int, n:int, share:float=0.955) -> int:
     need = (pool * spread / (math.sqrt(2 * math.pi) * (b - a) * (1 - share))) ** 2
     return int(min(n, max(1024, math.ceil(need))))
 
-def _approx_chunk(chunk_size:int|None, memory_mb:int, m:int, dim:int, draws:int, cpu:bool=True) -> int:
+def _approx_chunk(chunk_size:int|None, memory_mb:int, m:int, dim:int, draws:int, cpu:bool) -> int:
     "References per chunk: the `(C, m)` scores, their mask and selections (about 8 bytes per score) within what the fixed parts leave of `memory_mb`; on a CPU at most one block (512)."
     fixed = m * dim * 4 + _BLOCK * draws * 16                          # the sample's rows; one block's candidate scores and masks
     if chunk_size is None and fixed >= memory_mb * 2**20:

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from .core import (Config, SpnError, atomic_save, check_choices, check_number, pick_device,
                           read_jsonl, write_settings)
 from .data import ImageDataset, Split, load_dataset, load_image
-from .evaluate import encode_gallery, query_features, query_text
+from .evaluate import encode_gallery, query_features, query_text, score_chunks
 
 # %% auto #0
 __all__ = ['METADATA_FILE', 'PROJECTIONS', 'GREEN', 'LOSS_KEYS', 'HEADLINE_METRICS', 'save_figure', 'SplitEmbeddings',
@@ -203,11 +203,8 @@ def _candidate_scores(emb:SplitEmbeddings, rows:torch.Tensor, # query rows
                       queries:torch.Tensor|None=None) -> torch.Tensor: # unit rows standing in for those queries (typed texts)
     "Cosine scores `(len(rows), G)`, the rows a query may not retrieve at minus infinity."
     q = emb.queries[rows] if queries is None else queries
-    if emb.gallery.ndim == 2: scores = q @ emb.gallery.T
-    else:                                                              # K vectors per image: its best one scores it, as in evaluation
-        g, (n, k) = emb.gallery.reshape(-1, emb.gallery.shape[-1]), emb.gallery.shape[:2]
-        step = max(1, 2**25 // (n * k))                                # queries per product: about 128 MB of scores at a time
-        scores = torch.cat([(q[i:i + step] @ g.T).view(-1, n, k).amax(dim=2) for i in range(0, len(q), step)])
+    step = max(1, 2**25 // emb.gallery[..., 0].numel())                # queries per product: about 128 MB of scores (K vectors: the best scores)
+    scores = torch.cat([part for _, _, part in score_chunks(q, emb.gallery, step)])
     if emb.exclude_reference:
         refs = emb.reference_rows[rows]
         hit = (refs >= 0).nonzero()[:, 0]
