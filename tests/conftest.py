@@ -1,4 +1,4 @@
-import os
+import os, shutil
 from pathlib import Path
 import pytest
 
@@ -23,3 +23,17 @@ def benchmark_data():
         if not path.is_dir(): pytest.skip(f"real {name} annotation files not found at {path} (set SPN4CIR_SHARED_DATA to their folder)")
         return path
     return folder
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """A function: a fresh folder for a module's shared fixtures, by name.
+
+    The folders go when the module's tests are done and none of them failed, so a full run never holds more than one
+    module's checkpoints on disk (pytest's own retention keeps module folders until the session ends)."""
+    made, failed_before = [], request.session.testsfailed
+    def make(name:str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+    yield make
+    if request.session.testsfailed == failed_before:
+        for folder in made: shutil.rmtree(folder, ignore_errors=True)
