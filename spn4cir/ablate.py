@@ -15,7 +15,7 @@ from .pipeline import run_step
 
 # %% auto #0
 __all__ = ['ABLATE_ROWS', 'ROW_BY_NAME', 'ONE_SEED', 'AblationRow', 't_quantile', 'mean_std', 'seed_interval', 'bootstrap_delta',
-           'AblateConfig', 'seeds_of', 'AblationPlan', 'reported_split', 'plan_ablation', 'stage_config',
+           'AblateConfig', 'chosen_rows', 'seeds_of', 'AblationPlan', 'reported_split', 'plan_ablation', 'stage_config',
            'row_settings', 'row_result', 'positives_step', 'ablation_report', 'ablation_table', 'plot_deltas',
            'write_report', 'run_ablation']
 
@@ -123,6 +123,7 @@ class AblateConfig(Config):
     device:str|None = None # cpu, cuda, cuda:1 (None: CUDA when present)
     precision:Literal["fp32", "bf16", "fp16"]|None = None # autocast dtype (None: bf16/fp16 on CUDA, fp32 on CPU)
     plots:bool = True # write deltas.png
+    rows:list[str]|None = None # run only these rows (names as in the report, or their folder names: N, P, SPN); the baseline and the rows they start from come too (None: every row)
 
     def check(self):
         for name in ("max_epochs", "patience", "epochs", "bootstrap", "k"): check_count(self, name)
@@ -131,7 +132,23 @@ class AblateConfig(Config):
         check_number(self, "stage2_lr", 0, above=True, optional=True); check_number(self, "stage2_tau", 0, above=True, optional=True)
         check_number(self, "extra_ratio", 0, optional=True)
         if self.captions is not None and self.extra is not None: raise SpnError("give --captions (positives are generated) or --extra (already made), not both")
-        seeds_of(self)
+        seeds_of(self); chosen_rows(self)
+
+def chosen_rows(config:AblateConfig # the settings
+               ) -> list[AblationRow]:
+    "The rows the ablation runs, in the report's order: `rows` with the baseline and every row they start from, or all (+P and SPN only with captions)."
+    has_positives = config.captions is not None or config.extra is not None
+    if config.rows is None: return [r for r in ABLATE_ROWS if has_positives or not r.positives]
+    by_either = ROW_BY_NAME | {r.slug: r for r in ABLATE_ROWS}
+    unknown = [name for name in config.rows if name not in by_either]
+    if unknown: raise SpnError(f"rows: unknown row {unknown[0]!r}, use some of {', '.join(r.name for r in ABLATE_ROWS)} (or {', '.join(r.slug for r in ABLATE_ROWS)})")
+    wanted = {"baseline"}
+    for row in (by_either[name] for name in config.rows):
+        while row is not None:
+            wanted.add(row.name); row = ROW_BY_NAME.get(row.start)
+    needy = [name for name in wanted if ROW_BY_NAME[name].positives]
+    if needy and not has_positives: raise SpnError(f"rows: {needy[0]} trains on generated positives: give --captions or --extra")
+    return [r for r in ABLATE_ROWS if r.name in wanted]
 
 def seeds_of(config:AblateConfig # the settings
             ) -> list[int]:
@@ -162,9 +179,7 @@ class AblationPlan:
     def extra(self) -> Path: return Path(self.config.extra).absolute() if self.config.extra else self.out / "positives.json"
     def run_dir(self, row:str, seed:int) -> Path: return self.out / "runs" / ROW_BY_NAME[row].slug / f"seed-{seed}"
     def step_name(self, row:str, seed:int) -> str: return f"{ROW_BY_NAME[row].slug}-seed{seed}"
-    def rows(self) -> list[AblationRow]:
-        "The rows this run has (+P and SPN need captions or generated triplets)."
-        return [r for r in ABLATE_ROWS if self.config.captions is not None or self.config.extra is not None or not r.positives]
+    def rows(self) -> list[AblationRow]: return chosen_rows(self.config)
 
 def reported_split(data:str|os.PathLike, # the dataset folder
                    format:str # 'fashioniq' or 'cirr'
@@ -297,7 +312,7 @@ def ablation_report(plan:AblationPlan, # the run
                      "delta_vs_baseline": None if row.name == "baseline" else _delta(res, base, c.format, plan.bootstrap, plan.seeds[0])})
     return {"format": c.format, "split": plan.split, "headline": "Rmean" if c.format == "fashioniq" else "avg", "seeds": plan.seeds,
             "epochs": {"max_epochs": plan.max_epochs, "patience": plan.patience, "epochs": plan.epochs},
-            "rows": rows, "missing": [] if c.captions or c.extra else ["+P", "SPN (+P+N)"],
+            "rows": rows, "missing": [] if c.captions or c.extra or c.rows is not None else ["+P", "SPN (+P+N)"],
             "timing": {r: {str(s): v["seconds"] for s, v in per.items()} for r, per in results.items()}}
 
 # %% ../nbs/10a_ablate.ipynb #933c9578
@@ -348,6 +363,7 @@ def _markdown(report:dict, plan:AblationPlan) -> str:
     if n < 3: lines += [f"With {n} seed{'s' if n > 1 else ''} this table is an anecdote: " + ("there is no interval over seeds. " if n == 1 else "")
                         + "Run `--seeds 3` or more before reading a gap between rows as an effect.", ""]
     if split == "val": lines += ["Reported on val, which also picked each run's best epoch and stopped stage 1: optimistic for every trained row alike.", ""]
+    if plan.config.rows is not None: lines += [f"Rows chosen with --rows {' '.join(plan.config.rows)}: the others were not run.", ""]
     if report["missing"]: lines += [f"Not run (no --captions nor --extra): {', '.join(report['missing'])}.", ""]
     if (plan.out / "deltas.png").is_file(): lines += ["![deltas](deltas.png)", ""]
     return "\n".join(lines)

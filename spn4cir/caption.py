@@ -21,8 +21,8 @@ from .images import image_files
 # %% auto #0
 __all__ = ['DEFAULT_PROMPT', 'DEFAULT_WORDS', 'default_words', 'format_prompt', 'trim_words', 'Captioner', 'read_captions',
            'MetadataCaptioner', 'save_tiny_hf_captioner', 'HFCaptioner', 'read_vocab', 'ClipVocabCaptioner',
-           'slot_accuracy', 'folder_images', 'dataset_images', 'parse_shard', 'shard_names', 'caption_images',
-           'CaptionConfig', 'make_captioner', 'caption_dataset']
+           'slot_accuracy', 'read_true_slots', 'SlotCaptioner', 'folder_images', 'dataset_images', 'parse_shard',
+           'shard_names', 'caption_images', 'CaptionConfig', 'make_captioner', 'caption_dataset']
 
 # %% ../nbs/04_captioning.ipynb #fcd654fb
 DEFAULT_PROMPT = "please briefly describe the {category} in {k} words"
@@ -338,6 +338,53 @@ def slot_accuracy(captions:str|os.PathLike|dict[str, dict], # a clip-vocab capti
     acc["images"] = len(common)
     return acc
 
+# %% ../nbs/04_captioning.ipynb #8ddfc3a8
+def read_true_slots(path:str|os.PathLike, # JSON lines with "image" and "slots" (Shapes-CIR's metadata.jsonl)
+                    vocab:dict # a checked vocabulary (`read_vocab`)
+                   ) -> dict[str, dict[str, str]]:
+    "Image name -> its true phrase per slot; a line without every slot, or with a phrase the vocabulary lacks, raises `SpnError`."
+    truth = {}
+    for i, rec in enumerate(read_jsonl(path), 1):
+        slots = rec.get("slots")
+        if not isinstance(rec.get("image"), str) or not isinstance(slots, dict):
+            raise SpnError('expected {"image": str, "slots": {slot: phrase}}', file=path, record=f"line {i}")
+        for slot, phrases in vocab["slots"].items():
+            if slots.get(slot) not in phrases:
+                raise SpnError(f"slot {slot!r} is {slots.get(slot)!r}, not one of the vocabulary's {phrases}", file=path, record=f"line {i}")
+        truth[rec["image"]] = {slot: slots[slot] for slot in vocab["slots"]}
+    return truth
+
+class SlotCaptioner(Captioner):
+    "The vocabulary's template filled with each image's true slots, each slot swapped for another phrase with probability `slot_error`."
+    needs_images = False
+
+    def __init__(self, truth:str|os.PathLike, # JSON lines with the true "slots" of each image (Shapes-CIR's metadata.jsonl)
+                 vocab:str|os.PathLike|dict, # vocab JSON file or dict: {"template", "slots"}
+                 slot_error:float=0.0, # probability that each slot's phrase is replaced by another of the slot
+                 seed:int=0): # seed of the swaps
+        if not 0 <= slot_error <= 1: raise SpnError(f"slot_error must be in [0, 1], got {slot_error}")
+        self.vocab = read_vocab(vocab)
+        self.path, self.truth = Path(truth), read_true_slots(truth, self.vocab)
+        self.slot_error, self.seed = slot_error, seed
+        self.provenance = {"captioner": "slots", "model": None, "prompt": None, "source": _source(self.path),
+                           "slot_error": slot_error, "seed": seed}
+
+    def slots(self, name:str) -> dict[str, str]:
+        "The (possibly wrong) phrase per slot of one image."
+        if name not in self.truth: raise SpnError(f"no true slots for image {name!r}", file=self.path)
+        rng = random.Random(stable_hash("slot-error", self.seed, name))
+        picks = {}
+        for slot, phrases in self.vocab["slots"].items():
+            true, others = self.truth[name][slot], [p for p in phrases if p != self.truth[name][slot]]
+            picks[slot] = rng.choice(others) if others and rng.random() < self.slot_error else true
+        return picks
+
+    def records(self, names, images):
+        return [{"image": n, "caption": self.vocab["template"].format(**s), **self.line_provenance(n), "slots": s}
+                for n, s in zip(names, map(self.slots, names))]
+
+    def __call__(self, names, images): return [r["caption"] for r in self.records(names, images)]
+
 # %% ../nbs/04_captioning.ipynb #973bd657
 def folder_images(folder:str|os.PathLike # a folder of images (searched recursively)
                  ) -> dict[str, Path]:
@@ -457,13 +504,14 @@ class CaptionConfig(Config):
     "Settings of `caption_dataset` (the `spn4cir caption` job)."
     data:str # dataset root, or a folder of images with format='folder'
     format:Literal["fashioniq", "cirr", "jsonl", "folder"] # the dataset layout
-    captioner:Literal["metadata", "clip-vocab", "hf"] # the captioning backend
+    captioner:Literal["metadata", "clip-vocab", "hf", "slots"] # the captioning backend
     out:str # the captions.jsonl to write (resumed when it exists)
     split:str="train" # the split whose images are captioned
     model:str|None=None # hf: hub id or folder; clip-vocab: checkpoint folder or NAME[:PRETRAINED]
     shard:str|None=None # 'I/N': caption the I-th of N shards (0-based)
     captions_from:str|None=None # metadata: source captions.jsonl (default DATA/oracle_captions.jsonl)
-    vocab:str|None=None # clip-vocab: vocabulary JSON (default DATA/vocab.json)
+    vocab:str|None=None # clip-vocab and slots: vocabulary JSON (default DATA/vocab.json)
+    slots_from:str|None=None # slots: JSON lines with the true "slots" of each image (default DATA/metadata.jsonl)
     prompt:str|None=None # hf: prompt template with {category} and {k} (default: the reference instruction)
     max_words:int|None=None # hf: word limit k (default 5 for fashioniq, 10 otherwise)
     max_new_tokens:int|None=None # hf: generation cap (default 3k)
@@ -471,21 +519,23 @@ class CaptionConfig(Config):
     on_error:Literal["raise", "skip"]="raise" # 'raise' stops at an unloadable image, 'skip' leaves it out and counts it
     swap_prob:float=0.0 # metadata noise: chance of another image's caption
     drop_prob:float=0.0 # metadata noise: chance of dropping each word
-    seed:int=0 # metadata noise seed
+    slot_error:float=0.0 # slots noise: chance that each slot's phrase is swapped for another of the slot
+    seed:int=0 # metadata and slots noise seed
     device:str|None=None # default: CUDA when present
     precision:Literal["fp32", "bf16", "fp16"]|None=None # hf: autocast dtype (default: automatic)
     workers:int=4 # image-decoding threads
     job:ClassVar[str] = "caption"
 
     def check(self):
-        if self.captioner != "metadata" and self.model is None: raise SpnError(f"the {self.captioner} captioner needs a model (--model)")
+        if self.captioner not in ("metadata", "slots") and self.model is None: raise SpnError(f"the {self.captioner} captioner needs a model (--model)")
         for name in ("batch_size", "workers", "max_words", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise SpnError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("swap_prob", "drop_prob"):
+        for name, backend in (("swap_prob", "metadata"), ("drop_prob", "metadata"), ("slot_error", "slots")):
             check_number(self, name, 0)
             if getattr(self, name) > 1: raise SpnError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+            if getattr(self, name) and self.captioner != backend: raise SpnError(f"{name} is noise of the {backend} captioner, not of {self.captioner}")
         parse_shard(self.shard)
 
 def _checkpoint_family(model:str) -> str|None:
@@ -504,6 +554,9 @@ def make_captioner(config:CaptionConfig, # the settings (captioner, model, capti
     if c.captioner == "metadata":
         if c.captions_from is None: raise SpnError("the metadata captioner needs a captions file (--captions-from)")
         return MetadataCaptioner(c.captions_from, swap_prob=c.swap_prob, drop_prob=c.drop_prob, seed=c.seed)
+    if c.captioner == "slots":
+        if c.slots_from is None or c.vocab is None: raise SpnError("the slots captioner needs the true slots (--slots-from) and a vocabulary (--vocab)")
+        return SlotCaptioner(c.slots_from, c.vocab, slot_error=c.slot_error, seed=c.seed)
     if c.captioner == "clip-vocab":
         if c.vocab is None: raise SpnError("the clip-vocab captioner needs a vocabulary file (--vocab)")
         return ClipVocabCaptioner(c.model, c.vocab, device=c.device)
@@ -522,7 +575,7 @@ def caption_dataset(config:CaptionConfig, # the job's settings
     if c.format == "folder": images, categories = folder_images(data), {}
     else: images, categories = dataset_images(data, c.format, c.split)
     if not images: raise SpnError(f"the {c.split!r} split lists no images to caption", data)
-    defaults = {"captions_from": data/"oracle_captions.jsonl", "vocab": data/"vocab.json"}
+    defaults = {"captions_from": data/"oracle_captions.jsonl", "vocab": data/"vocab.json", "slots_from": data/"metadata.jsonl"}
     c = dataclasses.replace(c, **{k: str(p) for k, p in defaults.items() if getattr(c, k) is None and p.is_file()},
                             max_words=c.max_words or default_words(c.format))
     backend = make_captioner(c, categories)

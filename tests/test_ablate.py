@@ -21,9 +21,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE=
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(module_tmp):
     "Both Shapes-CIR layouts and a tiny model CLIP-pretrained for one epoch."
-    root = tmp_path_factory.mktemp("ablate")
+    root = module_tmp("ablate")
     write_shapes_cir(root / "cirr", "cirr", **SIZES)
     write_shapes_cir(root / "fiq", "fashioniq", **SIZES)
     pretrain_model(PretrainConfig(str(root / "cirr"), str(root / "pre"), model="spn-tiny-rn", epochs=1, batch_size=32, device="cpu"),
@@ -112,6 +112,21 @@ def test_one_seed_has_no_interval_and_says_so(ablation, world):
     d = next(r for r in report["rows"] if r["name"] == "+N")["delta_vs_baseline"]
     assert d["interval"] is None and "one seed" in d["interval_note"] and d["std"] is None
     assert "n/a (1 seed)" in (world / "one" / "report.md").read_text()
+
+
+def test_chosen_rows_reuse_the_finished_ones_from_the_command_line(ablation, world):
+    "--rows SPN in a copy of the 2-seed run: the baseline and +P come with it, nothing trains again, the same numbers."
+    import shutil
+    out, _, _ = ablation
+    shutil.copytree(out, world / "chosen")
+    done = subprocess.run([SCRIPT, "ablate", *flags(world, world / "chosen"), "--rows", "SPN"], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not any(l.startswith("step ") and l.endswith("...") for l in done.stderr.splitlines()), done.stderr[-3000:]
+    chosen, full = read_json(world / "chosen" / "report.json"), read_json(out / "report.json")
+    assert [r["name"] for r in chosen["rows"]] == ["baseline", "+P", "SPN (+P+N)"] and chosen["missing"] == []
+    same = {r["name"]: r for r in full["rows"]}
+    for row in chosen["rows"]: assert row["per_seed"] == same[row["name"]]["per_seed"] and row["mean"] == same[row["name"]]["mean"]
+    assert "Rows chosen with --rows SPN" in (world / "chosen" / "report.md").read_text()
 
 
 def test_report_markdown_and_plot(ablation):

@@ -30,14 +30,14 @@ def pixels():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(module_tmp):
     "A tiny transformers Blip2ForImageTextRetrieval folder with its tokenizer and image processor."
-    return save_tiny_blip2(tmp_path_factory.mktemp("hf") / "tiny-blip2", seed=3)
+    return save_tiny_blip2(module_tmp("hf") / "tiny-blip2", seed=3)
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes") / "data"
+def shapes(module_tmp):
+    root = module_tmp("shapes") / "data"
     write_shapes_cir(root, "cirr", seed=2, n_train_triplets=16, n_unlabeled=6, n_val=12, n_test=20, n_pretrain=64,
                      n_duplicates=2, progress=False)
     return root
@@ -139,8 +139,8 @@ def test_folders_without_processor_or_tokenizer_are_refused(folder, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pretrained(shapes, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre") / "blip2"
+def pretrained(shapes, module_tmp):
+    out = module_tmp("pre") / "blip2"
     return out, pretrain_model(PretrainConfig(str(shapes), str(out), model=TINY_NAME, epochs=4, batch_size=16, lr=2e-3,
                                               val_fraction=0.25, device="cpu"), progress=False)
 

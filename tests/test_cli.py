@@ -25,9 +25,9 @@ def run_cli(*args, ok=True):
     return json.loads(out.stdout)
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
+def shapes(module_tmp):
     "A tiny Shapes-CIR dataset in the CIRR layout, written through the command line."
-    root = tmp_path_factory.mktemp("cli") / "shapes"
+    root = module_tmp("cli") / "shapes"
     summary = run_cli("synth", "--out", root, "--format", "cirr", "--preset", "quick", "--n-train-triplets", 48,
                       "--n-unlabeled", 32, "--n-val", 24, "--n-test", 24, "--n-pretrain", 96)
     assert summary["reused"] is False

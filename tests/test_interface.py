@@ -128,8 +128,8 @@ def test_k1_gallery_rows_score_exactly_as_plain_rows():
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
+def shapes(module_tmp):
+    root = module_tmp("shapes")
     write_shapes_cir(root / "data", format="cirr", seed=3, n_train_triplets=20, n_unlabeled=12, n_val=8, n_test=4,
                      n_pretrain=6, n_duplicates=2, progress=False)
     return root

@@ -89,9 +89,9 @@ def kill_and_rerun(driver, tmp_path, argv:list, clean_argv:list, out:Path, seed:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(module_tmp):
     "A tiny CIRR-layout Shapes-CIR and a micro model checkpoint."
-    root = tmp_path_factory.mktemp("kill")
+    root = module_tmp("kill")
     write_shapes_cir(root/"data", "cirr", n_train_triplets=24, n_unlabeled=40, n_val=12, n_test=4, n_pretrain=0, n_duplicates=2,
                      progress=False)
     torch.manual_seed(0)

@@ -26,8 +26,8 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
+def shapes(module_tmp):
+    root = module_tmp("shapes")
     write_shapes_cir(root / "data", format="cirr", seed=3, n_train_triplets=24, n_unlabeled=8, n_val=8, n_test=4,
                      n_pretrain=48, n_duplicates=2, progress=False)
     return root / "data"

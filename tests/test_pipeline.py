@@ -16,8 +16,8 @@ CIRR_KEYS = {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "avg"}
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+def demo(module_tmp):
+    out = module_tmp("demo")
     lines = []
     summary = run_demo(DemoConfig(out, quick=True, seed=0, overrides=TINY), log=lines.append)
     return out, summary, lines

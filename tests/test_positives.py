@@ -180,10 +180,10 @@ def open_clip_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
+def shapes(module_tmp):
     from spn4cir.synthetic import write_shapes_cir
     from spn4cir.models import load_model, save_checkpoint
-    root = tmp_path_factory.mktemp("positives")
+    root = module_tmp("positives")
     write_shapes_cir(root/"cirr", "cirr", n_train_triplets=30, n_unlabeled=90, n_val=6, n_test=6, n_pretrain=0, n_duplicates=3, progress=False)
     write_shapes_cir(root/"fiq", "fashioniq", n_train_triplets=30, n_unlabeled=90, n_val=6, n_test=6, n_pretrain=0, n_duplicates=3, progress=False)
     save_checkpoint(load_model("spn-tiny-vit"), root/"ckpt")

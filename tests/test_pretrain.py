@@ -38,15 +38,15 @@ def _write_pool(root, n, seed=0):
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
+def pool(module_tmp):
     "Enough pairs for a short run to learn something."
-    return _write_pool(tmp_path_factory.mktemp("pool"), 320)
+    return _write_pool(module_tmp("pool"), 320)
 
 
 @pytest.fixture(scope="module")
-def small_pool(tmp_path_factory):
+def small_pool(module_tmp):
     "A few pairs for testing the mechanics (determinism, resume, settings)."
-    return _write_pool(tmp_path_factory.mktemp("small"), 72, seed=1)
+    return _write_pool(module_tmp("small"), 72, seed=1)
 
 
 def _weights(folder):

@@ -14,8 +14,8 @@ from spn4cir.search import IndexConfig, SavedIndex, SearchConfig, build_index, s
 from spn4cir.synthetic import SynthConfig, write_shapes_cir
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
+def shapes(module_tmp):
+    root = module_tmp("search")
     write_shapes_cir(SynthConfig(str(root / "data"), "cirr", image_size=32, n_train_triplets=4, n_unlabeled=0, n_val=2, n_test=30,
                                  n_pretrain=0, n_duplicates=0), progress=False)
     torch.manual_seed(0); save_checkpoint(load_model("spn-tiny-vit"), root / "ckpt")

@@ -30,9 +30,9 @@ RUN = dict(epochs=2, batch_size=8, lr=1e-4, tau=0.05)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(module_tmp):
     "A tiny CIRR-layout and FashionIQ-layout Shapes-CIR and a micro model checkpoint."
-    root = tmp_path_factory.mktemp("stage1")
+    root = module_tmp("stage1")
     write_shapes_cir(root/"cirr", "cirr", **SIZES)
     write_shapes_cir(root/"fiq", "fashioniq", **SIZES)
     torch.manual_seed(0)

@@ -104,8 +104,8 @@ FAST = dict(epochs=1, batch_size=8, lr=1e-4, tau=0.05)
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
+def shapes(module_tmp):
+    root = module_tmp("shapes")
     write_shapes_cir(root / "data", format="cirr", seed=3, n_train_triplets=20, n_unlabeled=12, n_val=8, n_test=4,
                      n_pretrain=6, n_duplicates=2, progress=False)
     torch.manual_seed(0)

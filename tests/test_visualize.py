@@ -24,9 +24,9 @@ SIZES = dict(n_train_triplets=12, n_unlabeled=6, n_val=12, n_test=6, n_pretrain=
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
+def shapes(module_tmp):
     "Tiny Shapes-CIR datasets in both layouts and two random-init tiny models saved as checkpoints."
-    root = tmp_path_factory.mktemp("viz")
+    root = module_tmp("viz")
     write_shapes_cir(root/"cirr", format="cirr", **SIZES)
     write_shapes_cir(root/"fiq", format="fashioniq", **SIZES)
     torch.manual_seed(0)
