@@ -117,6 +117,7 @@ class AblateConfig(Config):
     extra_ratio:float|None = 0.5 # +P and SPN: at most this many generated triplets per human one each epoch (None: all)
     window:str = "0.05:0.3" # generated positives: the rank window (spn4cir positives --window)
     k:int = 1 # generated positives: targets per reference
+    templates:list[str]|None = None # generated positives: template names (t0-t3) or patterns (None: the format's default)
     split:str|None = None # the split reported (None: the test split when its queries have targets, as Shapes-CIR's, else val)
     bootstrap:int = 1000 # query resamples of the bootstrap interval
     quick:bool = False # a smoke run: stage 1 at most 2 epochs (patience 1), stage 2 one epoch, 200 resamples
@@ -276,7 +277,7 @@ def positives_step(plan:AblationPlan, # the run
         return {"extra": _relative(plan, str(plan.extra)), "sha256": hashlib.sha256(plan.extra.read_bytes()).hexdigest()}
     if c.captions is None: return None
     from spn4cir.positives import PositivesConfig, generate_positives
-    config = PositivesConfig(c.data, c.format, str(Path(c.captions).absolute()), str(plan.extra), model=plan.model, window=c.window, k=c.k,
+    config = PositivesConfig(c.data, c.format, str(Path(c.captions).absolute()), str(plan.extra), model=plan.model, window=c.window, k=c.k, templates=c.templates,
                              seed=plan.seeds[0], device=c.device, precision=c.precision)
     settings = _inside(plan, config.settings())
     return run_step(plan.out, "positives", settings, lambda: generate_positives(config, progress=False), log, [plan.extra])["settings"]
