@@ -71,9 +71,9 @@ def _rows_of(index:dict[str, int], # from `_name_index`
 
 # %% ../nbs/08_evaluation.ipynb #15223a7b
 def score_chunks(query:torch.Tensor, # (Q, D) unit rows
-                  gallery:torch.Tensor, # (G, D) unit rows, or (G, K, D) rows of K unit vectors, same device and dtype
-                  chunk_size:int # queries per chunk
-                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
+                 gallery:torch.Tensor, # (G, D) unit rows, or (G, K, D) rows of K unit vectors, same device and dtype
+                 chunk_size:int # queries per chunk
+                ) -> Iterator[tuple[int, int, torch.Tensor]]:
     "Yield `(start, stop, scores)` with `scores` the `(stop - start, G)` cosine block (a multi-vector row scores its best vector)."
     if chunk_size < 1: raise SpnError(f"chunk_size must be at least 1, got {chunk_size}")
     for start in range(0, len(query), chunk_size):
