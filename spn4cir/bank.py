@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .core import SpnError
 
 # %% auto #0
-__all__ = ['chunk_scores', 'bank_logsumexp', 'sample_negatives', 'bank_loss', 'shard_rows']
+__all__ = ['chunk_scores', 'bank_logsumexp', 'sample_negatives', 'bank_loss', 'mine_hard_negatives', 'shard_rows']
 
 # %% ../nbs/07a_bank.ipynb #1f36a487
 def _at_least_float32(x:torch.Tensor) -> torch.Tensor:
@@ -226,13 +226,16 @@ def bank_loss(queries:torch.Tensor, # (B, D) unit queries
               generator:torch.Generator|None=None, # random source for sampled negatives
               exclude:torch.Tensor|None=None, # (B,) a (global) row per query that is no negative (e.g. its reference), or None
               row_offset:int=0, # global row of this process's first bank row (see `shard_rows`)
-              sharded:bool=False # with an active process group: each rank holds a slice of the rows, sums combined by all-reduce
+              sharded:bool=False, # with an active process group: each rank holds a slice of the rows, sums combined by all-reduce
+              hard_num:int|None=None # N: only the N hardest rows of each query (mined every call, `mine_hard_negatives`) are negatives
              ) -> torch.Tensor:
-    "Mean InfoNCE loss of the queries against the bank (whole or sampled), the positive at `targets`."
+    "Mean InfoNCE loss of the queries against the bank (whole, sampled or mined), the positive at `targets`."
     sharded = _sharding(sharded)
     _check_scoring(queries, target_bank, tau, allow_empty=sharded)
     if chunk_size < 1: raise SpnError(f"chunk_size must be >= 1, got {chunk_size}")
-    if sharded and neg_num is not None: raise SpnError("sampled negatives (neg_num) need the whole bank in one process; a sharded bank takes neg_num=None")
+    if neg_num is not None and hard_num is not None: raise SpnError("give either neg_num (random negatives) or hard_num (mined ones), not both")
+    if sharded and (neg_num, hard_num) != (None, None):
+        raise SpnError("sampled or mined negatives (neg_num, hard_num) need the whole bank in one process; a sharded bank takes neither")
     with torch.autocast(queries.device.type, enabled=False):
         queries, targets = _at_least_float32(queries), targets.to(queries.device)
         _check_targets(queries, target_bank, targets, row_offset, sharded)
@@ -240,7 +243,42 @@ def bank_loss(queries:torch.Tensor, # (B, D) unit queries
         if neg_num is not None:
             local = lambda rows: None if rows is None else torch.where(rows >= 0, rows - row_offset, -1)
             return _sampled_loss(queries, target_bank, targets - row_offset, 1.0 / tau, neg_num, generator, local(exclude))
+        if hard_num is not None:
+            return _mined_loss(queries, target_bank, targets - row_offset, 1.0 / tau, hard_num, int(chunk_size), exclude)
         return _BankInfoNCE.apply(queries, target_bank.detach(), targets, exclude, 1.0 / tau, int(chunk_size), int(row_offset), sharded).mean()
+
+# %% ../nbs/07a_bank.ipynb #c58eb413
+@torch.no_grad()
+def mine_hard_negatives(queries:torch.Tensor, # (B, D) unit queries
+                        bank:torch.Tensor, # (M, D) or (M, K, D) unit bank rows (max over K)
+                        targets:torch.Tensor, # (B,) the positive row of each query (never mined)
+                        n:int, # N, hard negatives per query, at most M - 1 (M - 2 with `exclude`)
+                        chunk_size:int=16384, # bank rows scored at once
+                        exclude:torch.Tensor|None=None # (B,) one more row per query that is never mined (or -1), or None
+                       ) -> torch.Tensor:
+    "`(B, N)` rows of the N highest-scoring bank rows of each query other than its positive, hardest first."
+    _check_scoring(queries, bank, 1.0)
+    most = bank.shape[0] - 1 - (exclude is not None)
+    if not 1 <= n <= most: raise SpnError(f"hard negatives per query must be in 1..{most}, got {n}")
+    queries, targets = _at_least_float32(queries), targets.to(queries.device)
+    best = torch.full((len(queries), 0), -math.inf, device=queries.device)
+    rows = torch.zeros((len(queries), 0), dtype=torch.long, device=queries.device)
+    for start in range(0, bank.shape[0], chunk_size):
+        scores = chunk_scores(queries, bank, start, chunk_size, exclude=targets)
+        if exclude is not None: _mask_excluded(scores, exclude.to(queries.device), start)
+        keep = min(n, scores.shape[1])
+        top = scores.topk(keep, dim=1)
+        best, at = torch.cat([best, top.values], dim=1).topk(min(n, best.shape[1] + keep), dim=1)
+        rows = torch.cat([rows, top.indices + start], dim=1).gather(1, at)
+    return rows
+
+def _mined_loss(queries, bank, targets, scale:float, hard_num:int, chunk_size:int, exclude) -> torch.Tensor:
+    "Cross-entropy over the positive and the `hard_num` hardest other rows of each query."
+    rows = mine_hard_negatives(queries, bank, targets, hard_num, chunk_size, exclude)               # (B, N)
+    multi = bank.ndim == 3
+    positive = _pair_scores(queries, bank[targets], multi) * scale
+    negative = _pair_scores(queries, bank[rows], multi) * scale
+    return F.cross_entropy(torch.cat([positive[:, None], negative], dim=1), torch.zeros_like(targets))
 
 # %% ../nbs/07a_bank.ipynb #d6dc2c8f
 def shard_rows(total_rows:int, # M, rows of the whole bank

@@ -32,7 +32,7 @@ DEMO_SETTINGS = {
     "data": {"image_size": 64},
     "pretrain": {"model": "spn-tiny-rn", "batch_size": 128, "lr": 1e-3},
     "caption": {"captioner": "clip-vocab", "batch_size": 64},
-    "positives": {"window": "0.05:0.3", "k": 1, "sampler": "exact", "templates": ["t3"]},
+    "positives": {"window": "0.05:0.3", "k": 1, "sampler": "exact", "templates": ["t2"]},
     "ablate": {"batch_size": 64, "lr": 1e-4, "tau": 0.05, "extra_ratio": 0.5, "patience": 2, "bootstrap": 1000},   # `AblateConfig` fields
 }
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .core import Config, SpnError, atomic_save, check_count, pick_device, pick_precision, resolve_inside, seed_everything, stable_hash
 from .data import ImageDataset, Split, Triplet, load_dataset, load_image, split_image_names
-from .bank import bank_loss, chunk_scores
+from .bank import bank_logsumexp, bank_loss, chunk_scores
 from .engine import (Plan, RunFiles, TrainJob, cir_train_mode, cir_validation, file_names, lr_factor, open_run,
                             resolved_settings, rng_stream, run_epochs, text_rng, validate_cir)
 from .images import IMAGE_SUFFIXES, duplicate_groups, file_stamps, image_fingerprint
@@ -26,8 +26,9 @@ from .stage1 import TrainingSet, check_cir_fields, epoch_order, infonce_loss, tr
 
 # %% auto #0
 __all__ = ['EXTRA_PREFIX', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'bank_cache_key', 'ImageBank', 'build_banks',
-           'read_extra_negatives', 'train_bank_images', 'freeze_image_side', 'bank_queries', 'step_queries',
-           'score_gaps', 'bank_rows', 'Stage2Config', 'in_batch_loss', 'train_stage2']
+           'read_extra_negatives', 'train_bank_images', 'freeze_image_side', 'bank_queries', 'row_pixels',
+           'step_queries', 'score_gaps', 'bank_rows', 'Stage2Config', 'in_batch_loss', 'live_target_loss',
+           'train_stage2']
 
 # %% ../nbs/07_stage2.ipynb #87bfb7b4
 def bank_cache_key(model:torch.nn.Module, # the `CIRModel` whose image tower encodes the bank
@@ -170,6 +171,14 @@ def bank_queries(model:torch.nn.Module, # a `CIRFamily`
     return model.state_queries(refer_bank[ref_rows.to(refer_bank.device)].float(), texts)
 
 # %% ../nbs/07_stage2.ipynb #bbd625ad
+def row_pixels(bank:ImageBank, # a bank with `files`
+               rows:torch.Tensor, # (B,) bank rows
+               transform, # the model's image transform
+               device:torch.device # where the pixels go
+              ) -> torch.Tensor:
+    "The preprocessed images `(B, 3, H, W)` of bank rows, read from their files."
+    return torch.stack([transform(load_image(bank.files[r])) for r in rows.tolist()]).to(device)
+
 def step_queries(model:torch.nn.Module, # a `CIRFamily`
                  bank:ImageBank, # the frozen bank (its `refer_bank`, or its `files` when it has no states)
                  ref_rows:torch.Tensor, # (B,) bank rows of the references
@@ -179,7 +188,7 @@ def step_queries(model:torch.nn.Module, # a `CIRFamily`
     "Stage 2's unit queries `(B, D)`: from cached states, else from the reference images (a text-reading state's frozen pass under `no_grad`)."
     if bank.refer_bank is not None: return bank_queries(model, bank.refer_bank, ref_rows, texts)
     if bank.files is None or transform is None: raise SpnError("the bank caches no reference states: step_queries needs its files and a transform")
-    pixels = torch.stack([transform(load_image(bank.files[r])) for r in ref_rows.tolist()]).to(model.device)
+    pixels = row_pixels(bank, ref_rows, transform, model.device)
     if not model.caches_reference: return model.image_queries(pixels, texts)    # image and text read together, every step
     with torch.no_grad(): state = model.reference_state(pixels, texts)            # frozen: the first pass over image and text
     return model.state_queries(state, texts)
@@ -235,6 +244,8 @@ class Stage2Config(Config):
     extra:str|None = None # generated triplets in the dataset's train schema (SPN: positives too)
     neg_num:int|None = None # None: the whole bank; N: N random negatives per query
     in_batch:bool = False # negatives: only the batch's own targets (their bank rows), a control for the bank's effect
+    hard_num:int|None = None # N: only the N hardest bank rows of each query, mined every step under the current queries
+    refresh_bank:bool = False # the image side trains too and re-encodes the bank before every epoch (the dynamic-bank control)
     extra_negatives:str|None = None # folder or list file of unlabeled images, bank negatives only
     extra_ratio:float|None = None # at most this many generated triplets per human one each epoch; None: all
     reference_negatives:bool = True # the query's own reference is one of its negatives (the reference code); False masks it
@@ -263,9 +274,14 @@ class Stage2Config(Config):
 
     def check(self):
         check_cir_fields(self); check_count(self, "batch_size"); check_count(self, "chunk_size")
-        check_count(self, "neg_num", optional=True)
-        if self.in_batch and (self.neg_num is not None or self.extra_negatives is not None):
-            raise SpnError("in_batch=True uses the batch's targets only: leave neg_num and extra_negatives unset")
+        check_count(self, "neg_num", optional=True); check_count(self, "hard_num", optional=True)
+        if self.in_batch and (self.neg_num is not None or self.hard_num is not None or self.extra_negatives is not None):
+            raise SpnError("in_batch=True uses the batch's targets only: leave neg_num, hard_num and extra_negatives unset")
+        if self.neg_num is not None and self.hard_num is not None:
+            raise SpnError("give neg_num (random negatives) or hard_num (mined ones), not both")
+        if self.refresh_bank and (self.in_batch or self.neg_num is not None or self.hard_num is not None or not self.reference_negatives):
+            raise SpnError("refresh_bank=True trains against the whole refreshed bank: leave in_batch, neg_num and hard_num unset "
+                           "and reference_negatives on")
 
     def changeable(self) -> tuple[str, ...]:
         "Settings a resumed run may change (the learning rate is constant, so the epochs may grow)."
@@ -282,20 +298,48 @@ def in_batch_loss(queries:torch.Tensor, # (B, D) unit queries
     rows = target_bank[targets].float()
     return infonce_loss(queries.float(), rows.to(queries.device), tau, groups=targets.to(queries.device))
 
+# %% ../nbs/07_stage2.ipynb #ce9c4c22
+def live_target_loss(queries:torch.Tensor, # (B, D) unit queries
+                     live_targets:torch.Tensor, # (B, D) or (B, K, D) unit targets encoded this step (they carry a gradient)
+                     target_bank:torch.Tensor, # (M, D) or (M, K, D) unit bank rows (no gradient)
+                     targets:torch.Tensor, # (B,) the bank row of each query's target (its stale copy, left out)
+                     tau:float, # temperature
+                     chunk_size:int=16384 # bank rows scored at once
+                    ) -> torch.Tensor:
+    "Mean InfoNCE with the live target as the positive and every other bank row as a negative."
+    queries, live = queries.float(), live_targets.float()
+    positive = (queries * live).sum(dim=1) if live.ndim == 2 else torch.einsum("bd,bkd->bk", queries, live).amax(dim=1)
+    positive = positive / tau
+    others = bank_logsumexp(queries, target_bank, tau, chunk_size, exclude=targets)
+    return (torch.logaddexp(positive, others) - positive).mean()
+
 # %% ../nbs/07_stage2.ipynb #b66b4b72
 HISTORY_FILE, CURVE_FILE, STATE_DIR = file_names("stage2")
 
 class _Stage2Job(TrainJob):
-    "InfoNCE of the text side against the static bank, for the engine."
+    "InfoNCE of the query side against the bank (static, or refreshed before every epoch), for the engine."
     name = "stage2"
     def __init__(self, model, bank:ImageBank, tset:TrainingSet, ref_rows:torch.Tensor, target_rows:torch.Tensor,
                  config:Stage2Config, device:torch.device):
         self.model, self.bank, self.tset, self.config, self.device = model, bank, tset, config, device
         self.ref_rows, self.target_rows, self.transform = ref_rows, target_rows, model.image_transform(config.kind)
+        self.bank_is_current, self.bank_seconds = True, 0.0          # the bank was just encoded by the model's image side
+
+    def refresh(self):
+        "Re-encode the bank's rows with the current image side (the refreshed-bank control); no-op when it is current."
+        if self.bank_is_current: return
+        c, started = self.config, time.perf_counter()
+        target, _ = _encode_rows(self.model, self.bank.files, [str(f) for f in self.bank.files], self.transform, c.eval_batch_size,
+                                 c.workers, progress=False)
+        self.bank = dataclasses.replace(self.bank, target_bank=target.to(self.device, self.bank.target_bank.dtype), refer_bank=None)
+        self.bank_seconds = time.perf_counter() - started
+        self.train_mode()                                           # encoding left the whole model in train mode
 
     def batches(self, epoch:int) -> list[tuple[torch.Tensor, list[str]]]:
         "Full batches of the epoch's order, each with its texts; the epoch's negatives stream is started here."
         c, tset = self.config, self.tset
+        if c.refresh_bank: self.refresh()
+        self.bank_is_current = not c.refresh_bank                  # a refreshing run's image side moves during the epoch
         order = epoch_order(tset.generated, epoch, c.seed, c.extra_ratio)
         self.negatives = rng_stream(c.seed, "negatives", epoch, device=self.device)
         batches = [order[s * c.batch_size:(s + 1) * c.batch_size] for s in range(len(order) // c.batch_size)]
@@ -304,16 +348,25 @@ class _Stage2Job(TrainJob):
 
     def step(self, batch) -> torch.Tensor:
         idx, texts = batch
+        if self.config.refresh_bank: return self.live_step(idx, texts)
         queries = step_queries(self.model, self.bank, self.ref_rows[idx], texts, self.transform)
         if self.config.in_batch: return in_batch_loss(queries, self.bank.target_bank, self.target_rows[idx], self.config.tau)
         return bank_loss(queries, self.bank.target_bank, self.target_rows[idx], self.config.tau, neg_num=self.config.neg_num,
                          chunk_size=self.config.chunk_size, generator=self.negatives,
-                         exclude=None if self.config.reference_negatives else self.ref_rows[idx])
+                         exclude=None if self.config.reference_negatives else self.ref_rows[idx], hard_num=self.config.hard_num)
+
+    def live_step(self, idx:torch.Tensor, texts:list[str]) -> torch.Tensor:
+        "The refreshed bank's step: references and targets encoded live (the image side learns), the bank's other rows as negatives."
+        refs, targets = (row_pixels(self.bank, rows[idx], self.transform, self.device) for rows in (self.ref_rows, self.target_rows))
+        live = squeeze_targets(self.model.encode_targets(targets))
+        return live_target_loss(self.model.image_queries(refs, texts), live, self.bank.target_bank, self.target_rows[idx],
+                                self.config.tau, self.config.chunk_size)
 
     def train_mode(self): cir_train_mode(self.model)
     def validate(self) -> tuple[dict, float]: return validate_cir(self.model, self.config)
     def epoch_extra(self, seconds:float, losses:list[float]) -> dict:
-        return {"triplets_per_second": round(len(losses) * self.config.batch_size / max(seconds, 1e-9), 1)}
+        extra = {"triplets_per_second": round(len(losses) * self.config.batch_size / max(seconds, 1e-9), 1)}
+        return extra | ({"bank_seconds": round(self.bank_seconds, 3)} if self.config.refresh_bank else {})
 
 # %% ../nbs/07_stage2.ipynb #2e16ea56
 def _bank_images(config:Stage2Config, tset:TrainingSet) -> tuple[dict[str, Path], int]:
@@ -340,7 +393,7 @@ def _stage2_job(config:Stage2Config, net, tset:TrainingSet, bank:ImageBank, dev:
 def train_stage2(config:Stage2Config, # the run's settings
                  progress:bool=True # show progress bars
                 ) -> dict:
-    "Stage 2 of SPN4CIR: the text side trained with InfoNCE over a static bank of every training image; returns the run summary."
+    "Stage 2 of SPN4CIR: the text side trained with InfoNCE over a static bank of every training image (or the refreshed-bank control); returns the run summary."
     out, dev = Path(config.out), pick_device(config.device)
     dtype = pick_precision(dev, config.precision)
     cache = Path(config.cache_dir) if config.cache_dir is not None else out / "cache"
@@ -357,7 +410,8 @@ def train_stage2(config:Stage2Config, # the run's settings
     bank = host_bank.to(dev, resident)                                                      # resident for the whole run
     job = _stage2_job(config, net, tset, bank, dev)
     job.validation = cir_validation(config, dtype)
-    optimizer = torch.optim.AdamW(freeze_image_side(net), lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+    trainable = net.set_trainable(*net.trainable_groups, temperature=False) if config.refresh_bank else freeze_image_side(net)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor("constant", 1, 0))     # no schedule, as the reference
     history = run_epochs(job, Plan(settings, files, optimizer, scheduler, dev, dtype, progress=progress), state)

@@ -82,7 +82,7 @@ def test_missing_image_is_named(tiny, images):
 
 # ---- training ---------------------------------------------------------------------------------------
 
-from spn4cir.core import read_jsonl
+from spn4cir.core import read_json, read_jsonl
 from spn4cir.data import Triplet, load_dataset, write_triplets
 from spn4cir.models import load_model, save_checkpoint
 from spn4cir.synthetic import write_shapes_cir
@@ -284,3 +284,30 @@ def test_in_batch_control_trains_like_stage_2_against_the_batch_targets_only(sha
     assert len(bank) > len(set(targets[idx].tolist())) and inb < full
     with pytest.raises(SpnError, match="in_batch=True"):
         Stage2Config("d", "cirr", "m", "o", in_batch=True, neg_num=4)
+
+
+# ---------------------------------------------------------------- the mined and refreshed controls (issue 16)
+
+def test_mined_and_refreshed_controls_from_the_command_line(shapes, tmp_path, capsys):
+    "--hard-num keeps the image side frozen and trains on the mined rows only; --refresh-bank trains the image side and re-encodes the bank."
+    from spn4cir.cli import main
+    base = ["train", "--stage", "2", "--data", str(shapes / "data"), "--format", "cirr", "--model", str(shapes / "start"),
+            "--batch-size", "8", "--lr", "1e-4", "--tau", "0.05"]
+    def cli(*flags):
+        code = main(base + [str(f) for f in flags]); captured = capsys.readouterr()
+        return code, captured.err
+    assert cli("--out", tmp_path / "hard", "--epochs", "1", "--hard-num", "3")[0] == 0
+    start = load_model(shapes / "start").state_dict()
+    hard = load_checkpoint(find_train_state(tmp_path / "hard", STATE_DIR)).state_dict()
+    assert _states_equal(start, hard, "backbone.visual.") and not _states_equal(start, hard, "backbone.transformer.")
+    assert read_json(tmp_path / "hard" / "settings.json")["hard_num"] == 3
+    whole = train_stage2(shapes / "data", "cirr", shapes / "start", tmp_path / "whole", **FAST)
+    mined = read_jsonl(tmp_path / "hard" / HISTORY_FILE)
+    assert mined[1]["train_loss"] < whole["history"][1]["train_loss"]              # 3 negatives: a smaller loss than the bank's
+    assert cli("--out", tmp_path / "fresh", "--epochs", "2", "--refresh-bank")[0] == 0
+    fresh = load_checkpoint(find_train_state(tmp_path / "fresh", STATE_DIR)).state_dict()
+    assert not _states_equal(start, fresh, "backbone.visual.")
+    history = read_jsonl(tmp_path / "fresh" / HISTORY_FILE)
+    assert history[1]["bank_seconds"] == 0.0 and history[2]["bank_seconds"] > 0
+    code, err = cli("--out", tmp_path / "both", "--refresh-bank", "--hard-num", "3")
+    assert code == 2 and "refresh_bank=True trains against the whole refreshed bank" in err and not (tmp_path / "both").exists()
