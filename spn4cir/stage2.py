@@ -298,20 +298,21 @@ def in_batch_loss(queries:torch.Tensor, # (B, D) unit queries
     rows = target_bank[targets].float()
     return infonce_loss(queries.float(), rows.to(queries.device), tau, groups=targets.to(queries.device))
 
-# %% ../nbs/07_stage2.ipynb #ce9c4c22
+# %% ../nbs/07_stage2.ipynb #79264169
 def live_target_loss(queries:torch.Tensor, # (B, D) unit queries
                      live_targets:torch.Tensor, # (B, D) or (B, K, D) unit targets encoded this step (they carry a gradient)
                      target_bank:torch.Tensor, # (M, D) or (M, K, D) unit bank rows (no gradient)
-                     targets:torch.Tensor, # (B,) the bank row of each query's target (its stale copy, left out)
+                     targets:torch.Tensor, # (B,) the bank row of each query's target (its stale copy is left out)
                      tau:float, # temperature
                      chunk_size:int=16384 # bank rows scored at once
                     ) -> torch.Tensor:
-    "Mean InfoNCE with the live target as the positive and every other bank row as a negative."
-    queries, live = queries.float(), live_targets.float()
-    positive = (queries * live).sum(dim=1) if live.ndim == 2 else torch.einsum("bd,bkd->bk", queries, live).amax(dim=1)
-    positive = positive / tau
+    "Mean InfoNCE over the batch's live targets (the positive among them) and every bank row but the query's own target."
+    queries, live, targets = queries.float(), live_targets.float(), targets.to(queries.device)
+    scores = queries @ live.T if live.ndim == 2 else torch.einsum("bd,nkd->bnk", queries, live).amax(dim=2)
+    twice = (targets[:, None] == targets[None, :]) & ~torch.eye(len(targets), dtype=torch.bool, device=queries.device)
+    scores = (scores / tau).masked_fill(twice, -math.inf)                       # a target the batch holds twice is no negative of itself
     others = bank_logsumexp(queries, target_bank, tau, chunk_size, exclude=targets)
-    return (torch.logaddexp(positive, others) - positive).mean()
+    return (torch.logsumexp(torch.cat([scores, others[:, None]], dim=1), dim=1) - scores.diagonal()).mean()
 
 # %% ../nbs/07_stage2.ipynb #b66b4b72
 HISTORY_FILE, CURVE_FILE, STATE_DIR = file_names("stage2")
