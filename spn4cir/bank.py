@@ -247,7 +247,7 @@ def bank_loss(queries:torch.Tensor, # (B, D) unit queries
             return _mined_loss(queries, target_bank, targets - row_offset, 1.0 / tau, hard_num, int(chunk_size), exclude)
         return _BankInfoNCE.apply(queries, target_bank.detach(), targets, exclude, 1.0 / tau, int(chunk_size), int(row_offset), sharded).mean()
 
-# %% ../nbs/07a_bank.ipynb #c58eb413
+# %% ../nbs/07a_bank.ipynb #aff87c65
 @torch.no_grad()
 def mine_hard_negatives(queries:torch.Tensor, # (B, D) unit queries
                         bank:torch.Tensor, # (M, D) or (M, K, D) unit bank rows (max over K)
