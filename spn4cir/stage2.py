@@ -357,7 +357,7 @@ class _Stage2Job(TrainJob):
                          exclude=None if self.config.reference_negatives else self.ref_rows[idx], hard_num=self.config.hard_num)
 
     def live_step(self, idx:torch.Tensor, texts:list[str]) -> torch.Tensor:
-        "The refreshed bank's step: references and targets encoded live (the image side learns), the bank's other rows as negatives."
+        "The refreshed bank's step: references and targets encoded live (the image side learns); negatives: the batch's live targets and the bank's rows."
         refs, targets = (row_pixels(self.bank, rows[idx], self.transform, self.device) for rows in (self.ref_rows, self.target_rows))
         live = squeeze_targets(self.model.encode_targets(targets))
         return live_target_loss(self.model.image_queries(refs, texts), live, self.bank.target_bank, self.target_rows[idx],
