@@ -202,14 +202,17 @@ def _pair_scores(queries:torch.Tensor, rows:torch.Tensor, multi:bool) -> torch.T
     scores = torch.einsum("bd,b...d->b...", queries, rows.to(queries.dtype))
     return scores.amax(dim=-1) if multi else scores
 
-def _sampled_loss(queries, bank, targets, scale:float, neg_num:int, generator, exclude) -> torch.Tensor:
-    "Cross-entropy over the positive and `neg_num` distinct sampled rows per query."
-    rows = sample_negatives(targets, bank.shape[0], neg_num, generator)                              # (B, N)
+def _gathered_loss(queries, bank, targets, scale:float, rows:torch.Tensor, exclude=None) -> torch.Tensor:
+    "Cross-entropy over the positive and each query's own negative rows `(B, N)` (an `exclude` row among them masked)."
     multi = bank.ndim == 3
     positive = _pair_scores(queries, bank[targets], multi) * scale                                   # (B,)
     negative = _pair_scores(queries, bank[rows], multi) * scale                                      # (B, N)
     if exclude is not None: negative = negative.masked_fill(rows == exclude[:, None], -math.inf)
     return F.cross_entropy(torch.cat([positive[:, None], negative], dim=1), torch.zeros_like(targets))
+
+def _sampled_loss(queries, bank, targets, scale:float, neg_num:int, generator, exclude) -> torch.Tensor:
+    "Cross-entropy over the positive and `neg_num` distinct sampled rows per query."
+    return _gathered_loss(queries, bank, targets, scale, sample_negatives(targets, bank.shape[0], neg_num, generator), exclude)
 
 def _check_targets(queries:torch.Tensor, bank:torch.Tensor, targets:torch.Tensor, row_offset:int, sharded:bool):
     if targets.shape != queries.shape[:1]: raise SpnError(f"targets {tuple(targets.shape)} do not match queries {tuple(queries.shape)}")
@@ -274,11 +277,7 @@ def mine_hard_negatives(queries:torch.Tensor, # (B, D) unit queries
 
 def _mined_loss(queries, bank, targets, scale:float, hard_num:int, chunk_size:int, exclude) -> torch.Tensor:
     "Cross-entropy over the positive and the `hard_num` hardest other rows of each query."
-    rows = mine_hard_negatives(queries, bank, targets, hard_num, chunk_size, exclude)               # (B, N)
-    multi = bank.ndim == 3
-    positive = _pair_scores(queries, bank[targets], multi) * scale
-    negative = _pair_scores(queries, bank[rows], multi) * scale
-    return F.cross_entropy(torch.cat([positive[:, None], negative], dim=1), torch.zeros_like(targets))
+    return _gathered_loss(queries, bank, targets, scale, mine_hard_negatives(queries, bank, targets, hard_num, chunk_size, exclude))
 
 # %% ../nbs/07a_bank.ipynb #d6dc2c8f
 def shard_rows(total_rows:int, # M, rows of the whole bank

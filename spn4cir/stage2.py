@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .core import Config, SpnError, atomic_save, check_count, pick_device, pick_precision, resolve_inside, seed_everything, stable_hash
 from .data import ImageDataset, Split, Triplet, load_dataset, load_image, split_image_names
-from .bank import bank_logsumexp, bank_loss, chunk_scores
+from .bank import bank_logsumexp, bank_loss, mine_hard_negatives
 from .engine import (Plan, RunFiles, TrainJob, cir_train_mode, cir_validation, file_names, lr_factor, open_run,
                             resolved_settings, rng_stream, run_epochs, text_rng, validate_cir)
 from .images import IMAGE_SUFFIXES, duplicate_groups, file_stamps, image_fingerprint
@@ -205,18 +205,11 @@ def score_gaps(queries:torch.Tensor, # (B, D) unit queries
     "`(B, k)` positive score minus the scores of the k hardest negatives, hardest first."
     if not 1 <= k < bank.shape[0] - (exclude is not None): raise SpnError(f"k must be in 1..{bank.shape[0] - 1 - (exclude is not None)}, got {k}")
     queries, targets = queries.float(), targets.to(queries.device)
-    best = torch.full((queries.shape[0], k), -math.inf, device=queries.device)
-    for start in range(0, bank.shape[0], chunk_size):
-        scores = chunk_scores(queries, bank, start, chunk_size)
-        for rows in (targets, exclude):                                             # the positive is no negative
-            if rows is None: continue
-            rows = rows.to(queries.device)
-            inside = (rows >= start) & (rows < start + scores.shape[1])
-            scores[inside, (rows - start)[inside]] = -math.inf
-        best = torch.cat([best, scores], dim=1).topk(k, dim=1).values
-    rows = bank[targets].float()                                                    # (B, D) or (B, K, D)
-    positive = (queries * rows).sum(dim=1, keepdim=True) if rows.ndim == 2 else torch.einsum("bd,bkd->bk", queries, rows).amax(dim=1, keepdim=True)
-    return positive - best
+    hardest = mine_hard_negatives(queries, bank, targets, k, chunk_size, exclude)     # (B, k) rows, hardest first
+    def scored(rows):                                                               # each query against its own rows (max over K)
+        scores = torch.einsum("bd,b...d->b...", queries, bank[rows].float())
+        return scores.amax(dim=-1) if bank.ndim == 3 else scores
+    return scored(targets)[:, None] - scored(hardest)
 
 # %% ../nbs/07_stage2.ipynb #caaa668f
 def bank_rows(triplets:list[Triplet], # the training triplets (`stage1.TrainingSet.triplets`)
