@@ -7,22 +7,18 @@ from __future__ import annotations
 import functools, html, io, math, os, textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import numpy as np
-import seaborn as sns
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import FancyArrowPatch, Patch
-from matplotlib.ticker import MaxNLocator
 
 from .core import (Config, SpnError, atomic_save, check_choices, check_number, pick_device,
                           read_jsonl, write_settings)
 from .data import ImageDataset, Split, load_dataset, load_image
 from .evaluate import encode_gallery, query_features, query_text, score_chunks
+
+if TYPE_CHECKING: from matplotlib.figure import Figure   # matplotlib and seaborn load on the first plot (see `_figure`)
 
 # %% auto #0
 __all__ = ['METADATA_FILE', 'PROJECTIONS', 'GREEN', 'LOSS_KEYS', 'HEADLINE_METRICS', 'save_figure', 'SplitEmbeddings',
@@ -31,15 +27,18 @@ __all__ = ['METADATA_FILE', 'PROJECTIONS', 'GREEN', 'LOSS_KEYS', 'HEADLINE_METRI
            'plot_training_curves', 'VizConfig', 'visualize_model']
 
 # %% ../nbs/09_visualization.ipynb #93cecbca
-class _ShowableFigure(Figure):
-    "A `Figure` that Jupyter shows as PNG even when pyplot's inline backend was never started."
-    def _repr_png_(self) -> bytes: return _png_bytes(self, dpi=80)
+@functools.cache
+def _showable_figure_class() -> type:
+    "A `Figure` subclass that Jupyter shows as PNG even when pyplot's inline backend was never started."
+    from matplotlib.figure import Figure
+    return type("_ShowableFigure", (Figure,), {"_repr_png_": lambda self: _png_bytes(self, dpi=80)})
 
 def _figure(nrows:int=1, ncols:int=1, # the grid of axes
             figsize:tuple[float, float]=(6.4, 4.2), # inches
             **subplots_kw) -> tuple[Figure, np.ndarray]: # passed to `Figure.subplots` (sharex, gridspec_kw, ...)
     "A figure on its own Agg canvas (no pyplot state) and its `(nrows, ncols)` array of axes."
-    fig = _ShowableFigure(figsize=figsize, layout="constrained")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = _showable_figure_class()(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(nrows, ncols, squeeze=False, **subplots_kw)
 
@@ -310,6 +309,7 @@ def _colour_labels(colour_by, emb:SplitEmbeddings) -> list[str]|None:
 
 def _palette(categories:list[str]) -> dict[str, tuple]:
     "A distinct colour per category (tab10 up to ten, husl beyond)."
+    import seaborn as sns
     colours = sns.color_palette("tab10" if len(categories) <= 10 else "husl", len(categories))
     return dict(zip(categories, colours))
 
@@ -338,6 +338,8 @@ def plot_embedding_space(stages:SplitEmbeddings|Sequence[SplitEmbeddings], # one
                          path:str|os.PathLike|None=None # also save here
                         ) -> Figure:
     "Queries, their targets and the gallery in 2-D, one panel per model, one projection fitted on all panels."
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrowPatch, Patch
     stages = _stage_list(stages); _check_same_split(stages)
     first, rng = stages[0], np.random.default_rng(seed)
     labels = _colour_labels(colour_by, first)
@@ -492,6 +494,7 @@ def plot_score_distributions(stages, # SplitEmbeddings, a list of them, or {labe
                              path:str|os.PathLike|None=None # also save here
                             ) -> Figure:
     "Histograms of s(q, t+) and max s(q, t-) (left) and of their margin (right), one colour per model."
+    import seaborn as sns
     sets = _margin_sets(stages)
     colours = dict(zip(sets, sns.color_palette("deep", len(sets))))
     score_edges = np.histogram_bin_edges(np.concatenate([v for m in sets.values() for v in (m["positive"], m["hardest_negative"])]), bins)
@@ -622,6 +625,8 @@ def plot_training_curves(histories, # a history file, a list of them, or {label:
                          path:str|os.PathLike|None=None # also save here
                         ) -> Figure:
     "Loss and headline metric per epoch, one line per run."
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
     runs = _history_runs(histories)
     keys = {k for records in runs.values() for r in records for k in r}
     x_key = x_key or next((k for k in ("epoch", "step") if k in keys), None)

@@ -1,4 +1,4 @@
-import os, shutil
+import contextlib, io, json, os, shutil, subprocess
 from pathlib import Path
 import pytest
 
@@ -37,3 +37,20 @@ def module_tmp(request, tmp_path_factory):
     yield make
     if request.session.testsfailed == failed_before:
         for folder in made: shutil.rmtree(folder, ignore_errors=True)
+
+@pytest.fixture(scope="session")
+def cli():
+    """A function: run `spn4cir ARGS` in this process through `spn4cir.cli.main`, the function the console script calls (a new
+    interpreter would spend about 7 s importing torch and open_clip on every call; `test_cli.py` runs the installed script itself).
+    Returns stdout parsed as JSON; with `ok=False`, a `CompletedProcess` holding the exit code and both streams."""
+    from spn4cir.cli import main
+    def run(*args, ok=True):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try: code = main([str(a) for a in args])
+            except SystemExit as exit: code = exit.code          # argparse's usage errors
+        done = subprocess.CompletedProcess(["spn4cir", *map(str, args)], code, out.getvalue(), err.getvalue())
+        if not ok: return done
+        assert code == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+    return run

@@ -3,7 +3,6 @@ that trains nothing, a kill -9 and rerun that ends with the same report, and the
 import json, math, os, signal, subprocess, sys, time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -114,12 +113,12 @@ def test_one_seed_has_no_interval_and_says_so(ablation, world):
     assert "n/a (1 seed)" in (world / "one" / "report.md").read_text()
 
 
-def test_chosen_rows_reuse_the_finished_ones_from_the_command_line(ablation, world):
+def test_chosen_rows_reuse_the_finished_ones_from_the_command_line(ablation, world, cli):
     "--rows SPN in a copy of the 2-seed run: the baseline and +P come with it, nothing trains again, the same numbers."
     import shutil
     out, _, _ = ablation
     shutil.copytree(out, world / "chosen")
-    done = subprocess.run([SCRIPT, "ablate", *flags(world, world / "chosen"), "--rows", "SPN"], env=ENV, capture_output=True, text=True)
+    done = cli("ablate", *flags(world, world / "chosen"), "--rows", "SPN", ok=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not any(l.startswith("step ") and l.endswith("...") for l in done.stderr.splitlines()), done.stderr[-3000:]
     chosen, full = read_json(world / "chosen" / "report.json"), read_json(out / "report.json")
@@ -176,9 +175,8 @@ def test_kill_9_mid_training_then_rerun_gives_the_same_report(ablation, world, t
     assert history == list(range(len(history)))                        # each epoch once: the cut run resumed, not restarted
 
 
-def test_command_line_fashioniq_layout(world, tmp_path):
-    argv = [SCRIPT, "ablate", *flags(world, tmp_path / "fiq", "fiq", "fashioniq", captions=False, seeds=1), "--quick"]
-    done = subprocess.run(argv, env=ENV, capture_output=True, text=True)
+def test_command_line_fashioniq_layout(world, tmp_path, cli):
+    done = cli("ablate", *flags(world, tmp_path / "fiq", "fiq", "fashioniq", captions=False, seeds=1), "--quick", ok=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = read_json(tmp_path / "fiq" / "report.json")
     assert report["format"] == "fashioniq" and report["split"] == "test" and report["headline"] == "Rmean"

@@ -174,30 +174,20 @@ def test_stage1_then_stage2_train_and_stage2_keeps_the_image_side(shapes, pretra
     assert any(copy_moved)
 
 
-def spn4cir_cli(*args):
-    "Run `spn4cir ARGS` (this Python's console script); its stdout as JSON."
-    out = subprocess.run([str(Path(sys.executable).parent / "spn4cir"), *map(str, args)], capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
-
-
-def test_cli_eval_and_positives_take_a_blip2_checkpoint(shapes, pretrained, tmp_path):
+def test_cli_eval_and_positives_take_a_blip2_checkpoint(shapes, pretrained, tmp_path, cli):
     ckpt, _ = pretrained
-    metrics = spn4cir_cli("eval", "--data", shapes, "--format", "cirr", "--model", ckpt, "--out", tmp_path / "m.json", "--device", "cpu")
+    metrics = cli("eval", "--data", shapes, "--format", "cirr", "--model", ckpt, "--out", tmp_path / "m.json", "--device", "cpu")
     assert set(metrics["benchmarks"]["cirr"]["metrics"]) >= {"R@1", "R@5", "Rs@1", "avg"}
     captions = tmp_path / "captions.jsonl"
-    spn4cir_cli("caption", "--data", shapes, "--format", "cirr", "--captioner", "metadata", "--out", captions)
-    spn4cir_cli("positives", "--data", shapes, "--format", "cirr", "--captions", captions, "--model", ckpt, "--window", "0.2:0.5",
+    cli("caption", "--data", shapes, "--format", "cirr", "--captioner", "metadata", "--out", captions)
+    cli("positives", "--data", shapes, "--format", "cirr", "--captions", captions, "--model", ckpt, "--window", "0.2:0.5",
                 "--k", 1, "--out", tmp_path / "positives.json", "--device", "cpu")
     assert len(json.loads((tmp_path / "positives.json").read_text())) > 0
     # viz takes the K = 4 family: galleries score an image by its best vector, the embedding plot draws the mean of its vectors
-    out = subprocess.run([str(Path(sys.executable).parent / "spn4cir"), "viz", "--data", str(shapes), "--format", "cirr", "--model", str(ckpt),
-                          "--out", str(tmp_path / "viz"), "--max-queries", "8", "--device", "cpu"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
+    cli("viz", "--data", shapes, "--format", "cirr", "--model", ckpt, "--out", tmp_path / "viz", "--max-queries", 8, "--device", "cpu")
     for name in ("embedding_space", "retrieval_gallery", "score_distributions"):
         assert (tmp_path / "viz" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    files = spn4cir_cli("submit", "--data", shapes, "--model", ckpt, "--out", tmp_path / "submit", "--device", "cpu")["files"]
+    files = cli("submit", "--data", shapes, "--model", ckpt, "--out", tmp_path / "submit", "--device", "cpu")["files"]
     recall = json.loads(next(Path(f) for f in files if f.endswith("_recall.json")).read_text())
     assert recall["version"] == "rc2" and recall["metric"] == "recall" and len(recall) - 2 > 0
 

@@ -2,7 +2,6 @@
 import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # set before anything imports huggingface_hub; the fixture below covers earlier imports
 import json, signal, subprocess, sys, textwrap, time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,24 +249,20 @@ def test_caption_dataset_on_shapes_cir(tmp_path):
     assert cv["images"] == len(oracle) and acc["images"] == len(oracle) and set(acc) >= {"colour", "shape", "all"}
 
 
-def test_slots_captioner_from_the_command_line(tmp_path):
+def test_slots_captioner_from_the_command_line(tmp_path, cli):
     "spn4cir caption --captioner slots: the template with the true slots, each wrong at --slot-error, resumable like every backend."
     from spn4cir.synthetic import write_shapes_cir
     data = tmp_path / "shapes"
     write_shapes_cir(data, "cirr", n_train_triplets=40, n_unlabeled=40, n_val=4, n_test=4, n_pretrain=4, n_duplicates=1, progress=False)
-    script = str(Path(sys.executable).parent / "spn4cir")
     for error in ("0", "0.5"):
-        done = subprocess.run([script, "caption", "--data", str(data), "--format", "cirr", "--captioner", "slots", "--out", str(tmp_path / f"e{error}.jsonl"),
-                               "--slot-error", error], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+        cli("caption", "--data", data, "--format", "cirr", "--captioner", "slots", "--out", tmp_path / f"e{error}.jsonl", "--slot-error", error)
     exact, half = slot_accuracy(tmp_path / "e0.jsonl", data / "metadata.jsonl"), slot_accuracy(tmp_path / "e0.5.jsonl", data / "metadata.jsonl")
     assert exact["all"] == 100.0 and exact["images"] > 60
     assert all(30 < half[slot] < 70 for slot in ("count", "background", "size", "colour", "shape", "position")), half
     vocab = json.loads((data / "vocab.json").read_text())
     record = read_jsonl(tmp_path / "e0.jsonl")[0]
     assert record["caption"] == vocab["template"].format(**record["slots"]) and record["captioner"] == "slots" and record["slot_error"] == 0.0
-    wrong = subprocess.run([script, "caption", "--data", str(data), "--format", "cirr", "--captioner", "metadata", "--out", str(tmp_path / "m.jsonl"),
-                            "--slot-error", "0.5"], capture_output=True, text=True)
+    wrong = cli("caption", "--data", data, "--format", "cirr", "--captioner", "metadata", "--out", tmp_path / "m.jsonl", "--slot-error", 0.5, ok=False)
     assert wrong.returncode != 0 and "slot_error is noise of the slots captioner, not of metadata" in wrong.stderr
 
 def test_entry_point_errors(tmp_path):
