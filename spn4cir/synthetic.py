@@ -15,15 +15,17 @@ from tqdm.auto import tqdm
 
 from .core import Config, SpnError, read_json, write_json, write_jsonl, write_settings
 from .data import Split, Triplet, load_dataset, read_image_split, write_split
+from .glyphs import GLYPH_BACKGROUNDS, GLYPH_COLOURS, draw_glyph, glyph_card, glyph_text
 from .images import summarize_split
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'CATEGORIES', 'POSITIONS', 'EDIT_KINDS', 'SLOT_TEMPLATE', 'FAMILY_SIZE',
-           'SPLITS', 'SIZE_PRESETS', 'MANIFEST', 'CIRCO_ASPECT_OF_EDIT', 'LAYOUT_PRESETS', 'GENECIS_DISTRACTORS',
-           'Item', 'Scene', 'render_scene', 'main_item', 'full_caption', 'scene_slots', 'slot_caption', 'shapes_vocab',
-           'noisy_caption', 'random_item', 'random_scene', 'random_edit', 'scene_diff', 'refer', 'edit_clauses',
-           'modification_texts', 'make_family', 'family_pairs', 'ShapesImage', 'ShapesCir', 'build_shapes_cir',
-           'build_circo', 'build_genecis', 'SynthConfig', 'write_shapes_cir', 'ValidateConfig', 'validate_dataset']
+__all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'CATEGORIES', 'POSITIONS', 'EDIT_KINDS', 'DOMAINS', 'SLOT_TEMPLATE',
+           'FAMILY_SIZE', 'SPLITS', 'SIZE_PRESETS', 'MANIFEST', 'CIRCO_ASPECT_OF_EDIT', 'LAYOUT_PRESETS',
+           'GENECIS_DISTRACTORS', 'Item', 'Scene', 'render_scene', 'main_item', 'full_caption', 'scene_slots',
+           'slot_caption', 'shapes_vocab', 'noisy_caption', 'random_item', 'random_scene', 'random_edit', 'scene_diff',
+           'refer', 'edit_clauses', 'modification_texts', 'make_family', 'family_pairs', 'in_domain', 'domain_vocab',
+           'ShapesImage', 'ShapesCir', 'build_shapes_cir', 'build_circo', 'build_genecis', 'SynthConfig',
+           'write_shapes_cir', 'ValidateConfig', 'validate_dataset']
 
 # %% ../nbs/02_synthetic.ipynb #b2b0816f
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -67,16 +69,22 @@ class Scene:
         return sorted(self.items, key=lambda i: i.cell)
 
 # %% ../nbs/02_synthetic.ipynb #1426db11
+DOMAINS = ("shapes", "glyphs")   # Shapes-CIR, and the second domain of `spn4cir.glyphs`
+
 def _star(cx, cy, r, points=5, inner=0.45):
     return [(cx + (r if k % 2 == 0 else r * inner) * math.cos(-math.pi / 2 + k * math.pi / points),
              cy + (r if k % 2 == 0 else r * inner) * math.sin(-math.pi / 2 + k * math.pi / points))
             for k in range(2 * points)]
 
-def _draw_item(draw:ImageDraw.ImageDraw, item:Item, cell_px:float):
+def _placement(item:Item, cell_px:float) -> tuple[float, float, float]:
+    "The object's centre and radius in pixels."
     row, col = divmod(item.cell, 3)
     r = 0.9 * SIZES[item.size] * cell_px / 2                 # radius, leaving a margin to the cell border
     room = 0.9 * (cell_px / 2 - r)                             # how far the jitter may move the centre
-    cx, cy = (col + 0.5) * cell_px + item.dx * room, (row + 0.5) * cell_px + item.dy * room
+    return (col + 0.5) * cell_px + item.dx * room, (row + 0.5) * cell_px + item.dy * room, r
+
+def _draw_item(draw:ImageDraw.ImageDraw, item:Item, cell_px:float):
+    cx, cy, r = _placement(item, cell_px)
     fill = COLOURS[item.colour]
     if item.shape == "circle": draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif item.shape == "square": h = 0.8 * r; draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
@@ -91,14 +99,18 @@ def _draw_item(draw:ImageDraw.ImageDraw, item:Item, cell_px:float):
 
 def render_scene(scene:Scene, # what to draw
                  size:int=64, # image side in pixels
-                 supersample:int=2 # draw this many times larger, then average down
+                 supersample:int=2, # draw this many times larger, then average down
+                 domain:str="shapes" # "shapes" (filled shapes, plain backgrounds) or "glyphs" (outlines on textured cards)
                 ) -> Image.Image:
     "Draw `scene` as an RGB image of `size` x `size` pixels."
     if size < 16: raise SpnError(f"image size {size} is too small to draw shapes, use at least 16 pixels")
     big = size * supersample
-    im = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    if domain not in DOMAINS: raise SpnError(f"unknown domain {domain!r}, use one of {DOMAINS}")
+    im = Image.new("RGB", (big, big), BACKGROUNDS[scene.background]) if domain == "shapes" else glyph_card(scene.background, big)
     draw = ImageDraw.Draw(im)
-    for item in scene.ordered(): _draw_item(draw, item, big / 3)
+    for item in scene.ordered():
+        if domain == "shapes": _draw_item(draw, item, big / 3)
+        else: draw_glyph(draw, item.shape, GLYPH_COLOURS[item.colour][1], *_placement(item, big / 3))
     return im.resize((size, size), Image.BOX) if supersample > 1 else im
 
 # %% ../nbs/02_synthetic.ipynb #31d3bdf5
@@ -318,6 +330,22 @@ def family_pairs(members:list[Scene]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(len(members)) for j in range(len(members))
             if i != j and 1 <= len(scene_diff(members[i], members[j])) <= 2]
 
+# %% ../nbs/02_synthetic.ipynb #b43332ca
+def in_domain(text:str, # a text in Shapes-CIR's words
+              domain:str # "shapes" or "glyphs"
+             ) -> str:
+    "`text` in the words of `domain`."
+    if domain not in DOMAINS: raise SpnError(f"unknown domain {domain!r}, use one of {DOMAINS}")
+    return text if domain == "shapes" else glyph_text(text)
+
+def domain_vocab(domain:str="shapes") -> dict:
+    "`shapes_vocab()` in the words of `domain`: the template outside its fields, and every slot phrase."
+    vocab = shapes_vocab()
+    if domain == "shapes": return vocab
+    template = "".join(part if part.startswith("{") else in_domain(part, domain) for part in re.split(r"(\{\w+\})", vocab["template"]))
+    return vocab | {"template": template, "slots": {slot: [in_domain(p, domain) for p in phrases] for slot, phrases in vocab["slots"].items()},
+                    "source": f"{domain}-cir"}
+
 # %% ../nbs/02_synthetic.ipynb #95c37f04
 SPLITS = {"fashioniq": ("train", "val", "test"), "cirr": ("train", "val", "test1")}
 _CIRR_FOLDER = {"train": "train", "val": "dev", "test1": "test1"}
@@ -344,10 +372,11 @@ class ShapesCir:
     images:list[ShapesImage] # dataset images (all splits), then the pretraining pool
     triplets:dict[str, list[Triplet]] # split -> human triplets
     pretrain_captions:dict[str, str] # pretraining image name -> its noisy caption
+    domain:str="shapes" # whose pictures and words: "shapes" or "glyphs"
 
-def _stream(seed:int, part:str) -> random.Random:
-    "An independent random stream for one part of the benchmark."
-    return random.Random(f"shapes-cir/{seed}/{part}")
+def _stream(seed:int, part:str, domain:str="shapes") -> random.Random:
+    "An independent random stream for one part of the benchmark (each domain has its own)."
+    return random.Random(f"{domain}-cir/{seed}/{part}")
 
 def _check_sizes(format, n_train_triplets, n_unlabeled, n_val, n_test, n_pretrain, n_duplicates, queries_per_set):
     if format not in SPLITS: raise SpnError(f"Shapes-CIR is written as fashioniq or cirr, got format {format!r}")
@@ -359,30 +388,31 @@ def _check_sizes(format, n_train_triplets, n_unlabeled, n_val, n_test, n_pretrai
         raise SpnError(f"queries_per_set must be 1 to {2 * (FAMILY_SIZE - 1)} (the pairs every family has), got {queries_per_set}")
 
 # %% ../nbs/02_synthetic.ipynb #92d0de65
-def _split_queries(split:str, n_queries:int, seed:int, seen:set, queries_per_set:int, two_edit_prob:float, n_texts:int):
+def _split_queries(split:str, n_queries:int, seed:int, seen:set, queries_per_set:int, two_edit_prob:float, n_texts:int, domain:str):
     "Families and queries of one split: (images, [(set id, members, ref index, target index, texts)])."
-    rng, images, queries = _stream(seed, split), [], []
+    rng, images, queries = _stream(seed, split, domain), [], []
     while len(queries) < n_queries:
         members = make_family(rng, seen, two_edit_prob); rng.shuffle(members)
         family = [ShapesImage(split, scene, "variant") for scene in members]
         for i, j in rng.sample(family_pairs(members), min(queries_per_set, n_queries - len(queries))):
             family[i].role = family[j].role = "triplet"
-            queries.append((len(images) // FAMILY_SIZE, family, i, j, modification_texts(members[i], members[j], rng, n_texts)))
+            texts = [in_domain(t, domain) for t in modification_texts(members[i], members[j], rng, n_texts)]
+            queries.append((len(images) // FAMILY_SIZE, family, i, j, texts))
         images += family
     return images, queries
 
-def _name_images(images:list[ShapesImage], format:str, seed:int):
+def _name_images(images:list[ShapesImage], format:str, seed:int, domain:str):
     "Give every dataset image a name and a path, numbered in a seeded shuffle of the whole dataset."
-    numbers = list(range(len(images))); _stream(seed, "names").shuffle(numbers)
+    numbers = list(range(len(images))); _stream(seed, "names", domain).shuffle(numbers)
     for image, k in zip(images, numbers):
         if format == "fashioniq": image.name = f"S{k:06d}"; image.path = f"images/{image.name}.png"
         else:
             folder = _CIRR_FOLDER[image.split]; image.name = f"{folder}-{k:06d}"
             image.path = f"train/{k // 1000}/{image.name}.png" if folder == "train" else f"{folder}/{image.name}.png"
 
-def _triplet(format:str, set_id:int, family:list[ShapesImage], i:int, j:int, texts:list[str]) -> Triplet:
+def _triplet(format:str, domain:str, set_id:int, family:list[ShapesImage], i:int, j:int, texts:list[str]) -> Triplet:
     ref, tgt = family[i], family[j]
-    if format == "fashioniq": return Triplet(ref.name, tgt.name, texts, category=ref.scene.background)
+    if format == "fashioniq": return Triplet(ref.name, tgt.name, texts, category=in_domain(ref.scene.background, domain))
     return Triplet(ref.name, tgt.name, texts, pairid=-1, members=[m.name for m in family],
                    extra={"target_soft": {tgt.name: 1.0}, "img_set": {"id": set_id, "reference_rank": i, "target_rank": j}})
 
@@ -396,64 +426,66 @@ def build_shapes_cir(format:str="cirr", # "fashioniq" (two texts per query, 3 ca
                      n_duplicates:int=20, # pool images listed twice under another name
                      queries_per_set:int=2, # queries drawn from each family of six images
                      two_edit_prob:float=0.35, # chance that a variant is two edits away from the family seed
-                     pretrain_error_rate:float=0.05 # chance that a pretraining caption gets an attribute wrong
+                     pretrain_error_rate:float=0.05, # chance that a pretraining caption gets an attribute wrong
+                     domain:str="shapes" # "shapes", or "glyphs": the same grammar in other pictures and words (own random streams)
                     ) -> ShapesCir:
     "Plan a Shapes-CIR benchmark: scenes, names, paths and triplets, deterministic for a seed."
     _check_sizes(format, n_train_triplets, n_unlabeled, n_val, n_test, n_pretrain, n_duplicates, queries_per_set)
     config = dict(format=format, seed=seed, n_train_triplets=n_train_triplets, n_unlabeled=n_unlabeled, n_val=n_val,
                   n_test=n_test, n_pretrain=n_pretrain, n_duplicates=n_duplicates, queries_per_set=queries_per_set,
-                  two_edit_prob=two_edit_prob, pretrain_error_rate=pretrain_error_rate)
+                  two_edit_prob=two_edit_prob, pretrain_error_rate=pretrain_error_rate) | ({} if domain == "shapes" else {"domain": domain})
     train, val, test = SPLITS[format]
     seen, images, queries = set(), [], {}
     for split, n in ((test, n_test), (val, n_val), (train, n_train_triplets)):
-        split_images, queries[split] = _split_queries(split, n, seed, seen, queries_per_set, two_edit_prob, 2 if format == "fashioniq" else 1)
+        split_images, queries[split] = _split_queries(split, n, seed, seen, queries_per_set, two_edit_prob, 2 if format == "fashioniq" else 1, domain)
         images += split_images
-    rng = _stream(seed, "pool")
+    rng = _stream(seed, "pool", domain)
     pool = []
     while len(pool) < n_unlabeled:
         scene = random_scene(rng)
         if _claim(seen, scene): pool.append(ShapesImage(train, scene, "pool"))
     copies = [(ShapesImage(train, original.scene, "duplicate"), original) for original in rng.sample(pool, n_duplicates)]
     images += pool + [copy for copy, _ in copies]
-    _name_images(images, format, seed)
+    _name_images(images, format, seed, domain)
     for copy, original in copies: copy.duplicate_of = original.name
     triplets, pairid = {}, 0
     for split in (train, val, test):
-        order = queries[split][:]; _stream(seed, f"{split}/order").shuffle(order)
-        triplets[split] = [_triplet(format, *q) for q in order]
+        order = queries[split][:]; _stream(seed, f"{split}/order", domain).shuffle(order)
+        triplets[split] = [_triplet(format, domain, *q) for q in order]
         if format == "cirr":
             for t in triplets[split]: t.pairid = pairid; pairid += 1
-    rng, captions = _stream(seed, "pretrain"), {}
+    rng, captions = _stream(seed, "pretrain", domain), {}
     while len(captions) < n_pretrain:
         scene = random_scene(rng)
         if not _claim(seen, scene): continue
         name = f"pretrain-{len(captions):06d}"
         images.append(ShapesImage("pretrain", scene, "pretrain", name, f"pretrain/{name}.png"))
-        captions[name] = noisy_caption(scene, rng, pretrain_error_rate)
-    return ShapesCir(format, config, images, triplets, captions)
+        captions[name] = in_domain(noisy_caption(scene, rng, pretrain_error_rate), domain)
+    return ShapesCir(format, config, images, triplets, captions, domain)
 
 # %% ../nbs/02_synthetic.ipynb #a1f94b5d
 MANIFEST = "shapes_cir.json"
 
-def _render_files(jobs:list[tuple[str, Scene]], size:int, image_format:str="PNG") -> int:
+def _render_files(jobs:list[tuple[str, Scene]], size:int, image_format:str="PNG", domain:str="shapes") -> int:
     "Draw and save a chunk of images (runs in a worker process)."
-    for path, scene in jobs: render_scene(scene, size).save(path, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
+    for path, scene in jobs: render_scene(scene, size, domain=domain).save(path, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
     return len(jobs)
 
-def _render_all(jobs:list[tuple[str, Scene]], size:int, workers:int, progress:bool, image_format:str="PNG"):
+def _render_all(jobs:list[tuple[str, Scene]], size:int, workers:int, progress:bool, image_format:str="PNG", domain:str="shapes"):
     chunks = [jobs[i:i + 500] for i in range(0, len(jobs), 500)]
     with tqdm(total=len(jobs), desc="drawing Shapes-CIR", unit="img", disable=not progress) as bar:
         if workers <= 1 or len(jobs) < 2000:
-            for chunk in chunks: bar.update(_render_files(chunk, size, image_format))
+            for chunk in chunks: bar.update(_render_files(chunk, size, image_format, domain))
         else:
             with ProcessPoolExecutor(workers) as pool:
-                for n in pool.map(_render_files, chunks, [size] * len(chunks), [image_format] * len(chunks)): bar.update(n)
+                for n in pool.map(_render_files, chunks, [size] * len(chunks), [image_format] * len(chunks), [domain] * len(chunks)): bar.update(n)
 
-def _metadata(image:ShapesImage) -> dict:
-    objects = [{"shape": i.shape, "colour": i.colour, "size": i.size, "position": POSITIONS[i.cell], "cell": i.cell,
-                "dx": i.dx, "dy": i.dy} for i in image.scene.ordered()]
-    rec = {"image": image.name, "split": image.split, "path": image.path, "role": image.role, "background": image.scene.background,
-           "objects": objects, "caption": full_caption(image.scene), "slots": scene_slots(image.scene)}
+def _metadata(image:ShapesImage, domain:str) -> dict:
+    words = lambda text: in_domain(text, domain)
+    objects = [{"shape": words(i.shape), "colour": words(i.colour), "size": words(i.size), "position": words(f"the {POSITIONS[i.cell]}")[4:],
+                "cell": i.cell, "dx": i.dx, "dy": i.dy} for i in image.scene.ordered()]
+    rec = {"image": image.name, "split": image.split, "path": image.path, "role": image.role, "background": words(image.scene.background),
+           "objects": objects, "caption": words(full_caption(image.scene)), "slots": {k: words(v) for k, v in scene_slots(image.scene).items()}}
     return rec | ({} if image.duplicate_of is None else {"duplicate_of": image.duplicate_of})
 
 def _write_annotations(root:Path, plan:ShapesCir):
@@ -461,9 +493,10 @@ def _write_annotations(root:Path, plan:ShapesCir):
     for split in SPLITS[plan.format]:
         images = [im for im in plan.images if im.split == split]
         if plan.format == "cirr": write_split(root, "cirr", split, plan.triplets[split], {im.name: im.path for im in images}); continue
-        for category in CATEGORIES:
+        for background in CATEGORIES:
+            category = in_domain(background, plan.domain)
             write_split(root, "fashioniq", split, [t for t in plan.triplets[split] if t.category == category],
-                        {im.name: im.path for im in images if im.scene.background == category}, category=category)
+                        {im.name: im.path for im in images if im.scene.background == background}, category=category)
 
 def _counts(plan:ShapesCir) -> dict:
     splits = {split: {"queries": len(plan.triplets[split]), "images": sum(im.split == split for im in plan.images)}
@@ -478,20 +511,21 @@ def _check_layout_sizes(sizes:dict):
 
 def _write_cir(staging:Path, config, sizes:dict, progress:bool) -> dict:
     "Plan, draw and write a FashionIQ- or CIRR-layout folder; the summary of what is in it."
-    plan = build_shapes_cir(config.format, config.seed, **sizes, queries_per_set=config.queries_per_set)
+    plan = build_shapes_cir(config.format, config.seed, **sizes, queries_per_set=config.queries_per_set, domain=config.domain)
     for folder in sorted({str(Path(im.path).parent) for im in plan.images}): (staging / folder).mkdir(parents=True, exist_ok=True)
     draw_start = time.perf_counter()
-    _render_all([(str(staging / im.path), im.scene) for im in plan.images], config.image_size, config.workers or min(8, os.cpu_count() or 1), progress)
+    _render_all([(str(staging / im.path), im.scene) for im in plan.images], config.image_size, config.workers or min(8, os.cpu_count() or 1), progress,
+                domain=config.domain)
     draw_seconds = time.perf_counter() - draw_start
     _write_annotations(staging, plan)
     by_name = {im.name: im for im in plan.images}
-    write_jsonl(staging / "pretrain_captions.jsonl", [{"image": by_name[name].path, "caption": caption, "source": "shapes-cir-pretrain"}
+    write_jsonl(staging / "pretrain_captions.jsonl", [{"image": by_name[name].path, "caption": caption, "source": f"{config.domain}-cir-pretrain"}
                                                       for name, caption in plan.pretrain_captions.items()])
     train = SPLITS[config.format][0]
-    write_jsonl(staging / "oracle_captions.jsonl", [{"image": im.name, "caption": full_caption(im.scene), "source": "shapes-cir-oracle"}
+    write_jsonl(staging / "oracle_captions.jsonl", [{"image": im.name, "caption": in_domain(full_caption(im.scene), config.domain), "source": f"{config.domain}-cir-oracle"}
                                                     for im in sorted(plan.images, key=lambda im: im.name) if im.split == train])
-    write_json(staging / "vocab.json", shapes_vocab())
-    write_jsonl(staging / "metadata.jsonl", [_metadata(im) for im in plan.images])
+    write_json(staging / "vocab.json", domain_vocab(config.domain))
+    write_jsonl(staging / "metadata.jsonl", [_metadata(im, config.domain) for im in plan.images])
     return _counts(plan) | {"images_per_second": round(len(plan.images) / max(draw_seconds, 1e-9), 1)}
 
 
@@ -687,6 +721,7 @@ class SynthConfig(Config):
     "Settings of `spn4cir synth`: a Shapes-CIR dataset folder in one benchmark's layout."
     out:str # the dataset folder to create
     format:Literal["fashioniq", "cirr", "circo", "genecis"]="cirr" # annotation layout
+    domain:Literal["shapes", "glyphs"]="shapes" # filled shapes (Shapes-CIR) or outlined glyphs on textured cards in other words (Glyphs-CIR; fashioniq, cirr)
     seed:int=0 # everything follows from it
     image_size:int=64 # image side in pixels
     preset:Literal["default", "quick"]="default" # size preset (quick is about 4x smaller); explicit sizes override it
@@ -703,6 +738,8 @@ class SynthConfig(Config):
 
     def check(self):
         if not isinstance(self.image_size, int) or self.image_size < 16: raise SpnError(f"image_size must be an integer >= 16, got {self.image_size!r}")
+        if self.domain != "shapes" and self.format not in SPLITS:
+            raise SpnError(f"the {self.domain} domain is written in the fashioniq or cirr layout, not {self.format}: pass --format cirr or fashioniq")
 
 def _synth_config(config, format:str|None, fields:dict) -> SynthConfig:
     "A `SynthConfig`, or one made from a folder and field keywords (the form of the earlier notebooks)."
@@ -733,7 +770,7 @@ def write_shapes_cir(config:SynthConfig|str|os.PathLike, # the settings, or the 
     if config.format in SPLITS: _check_sizes(config.format, **sizes, queries_per_set=config.queries_per_set)
     else: _check_layout_sizes(sizes)
     manifest = dict(generator="spn4cir.synthetic", version=1, format=config.format, seed=config.seed, image_size=config.image_size, **sizes,
-                    queries_per_set=config.queries_per_set)
+                    queries_per_set=config.queries_per_set) | ({} if config.domain == "shapes" else {"domain": config.domain})  # earlier folders stay reusable
     out = Path(config.out).absolute()
     reused = _reused(out, manifest, config.overwrite)
     if reused is not None: return reused
@@ -743,7 +780,7 @@ def write_shapes_cir(config:SynthConfig|str|os.PathLike, # the settings, or the 
     try:
         staging.mkdir(parents=True)
         writer = {"circo": _write_circo, "genecis": _write_genecis}.get(config.format, _write_cir)
-        summary = {"format": config.format, "seed": config.seed, "image_size": config.image_size} | writer(staging, config, sizes, progress)
+        summary = {"format": config.format, "domain": config.domain, "seed": config.seed, "image_size": config.image_size} | writer(staging, config, sizes, progress)
         rate = summary.pop("images_per_second", None)
         write_json(staging / MANIFEST, {"config": manifest, "summary": summary})
         write_settings(config, staging)

@@ -158,3 +158,30 @@ def test_fashioniq_pairs_cover_both_edits():
         joined = " and ".join(t.texts)
         for kind, _, old, new in diff:
             if kind in ("colour", "shape"): assert new in joined, (diff, t.texts)
+
+# ---------------------------------------------------------------- a second domain (issue 16's cross-domain study)
+
+@pytest.mark.parametrize("format", ["cirr", "fashioniq"])
+def test_glyphs_domain_is_other_pictures_and_words_in_the_same_layout(tmp_path, format, cli):
+    "synth --domain glyphs: the layout validates, every text and slot speaks the glyph vocabulary, no scene or picture is Shapes-CIR's."
+    from spn4cir.caption import read_true_slots, read_vocab
+    sizes = ["--n-train-triplets", 10, "--n-unlabeled", 20, "--n-val", 6, "--n-test", 6, "--n-pretrain", 8, "--n-duplicates", 2]
+    glyphs = cli("synth", "--out", tmp_path / "glyphs", "--format", format, "--domain", "glyphs", *sizes)
+    shapes = write_shapes_cir(tmp_path / "shapes", format, **TINY)
+    assert glyphs["domain"] == "glyphs" and glyphs["splits"] == shapes["splits"]
+    report = validate_dataset(tmp_path / "glyphs", format)
+    categories = {c for cats in report.values() for c in cats}
+    assert categories == ({"striped", "dotted", "checked"} if format == "fashioniq" else {"all"}), categories
+    assert all(c["missing_images"] == 0 for cats in report.values() for c in cats.values())
+    shapes_words = set(shapes_vocab()["slots"]["shape"]) | set(shapes_vocab()["slots"]["colour"]) | {"background", "shape"}
+    train = SPLITS[format][0]
+    texts = [t for s in load_dataset(tmp_path / "glyphs", format, train).values() for q in s.triplets for t in q.texts]
+    texts += [r["caption"] for r in read_jsonl(tmp_path / "glyphs" / "pretrain_captions.jsonl") + read_jsonl(tmp_path / "glyphs" / "oracle_captions.jsonl")]
+    assert texts and not {w for t in texts for w in t.replace(",", " ").split()} & shapes_words
+    vocab = read_vocab(tmp_path / "glyphs" / "vocab.json")
+    assert vocab["slots"]["shape"] == ["ring", "frame", "arrow", "heart", "moon", "bolt"] and "card" in vocab["template"]
+    assert len(read_true_slots(tmp_path / "glyphs" / "metadata.jsonl", vocab)) == glyphs["images"]   # every slot is a vocabulary phrase
+    key = lambda m: tuple((o["cell"], o["dx"], o["dy"]) for o in m["objects"])   # the same scene would have the same jitter
+    assert not {key(m) for m in read_jsonl(tmp_path / "glyphs" / "metadata.jsonl")} & {key(m) for m in read_jsonl(tmp_path / "shapes" / "metadata.jsonl")}
+    refused = cli("synth", "--out", tmp_path / "g-circo", "--format", "circo", "--domain", "glyphs", ok=False)
+    assert refused.returncode == 2 and "pass --format cirr or fashioniq" in refused.stderr and not (tmp_path / "g-circo").exists()
