@@ -330,7 +330,7 @@ def family_pairs(members:list[Scene]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(len(members)) for j in range(len(members))
             if i != j and 1 <= len(scene_diff(members[i], members[j])) <= 2]
 
-# %% ../nbs/02_synthetic.ipynb #b43332ca
+# %% ../nbs/02_synthetic.ipynb #30e80700
 def in_domain(text:str, # a text in Shapes-CIR's words
               domain:str # "shapes" or "glyphs"
              ) -> str:
