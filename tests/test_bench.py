@@ -1,7 +1,6 @@
 "The benchmark machinery: figures, fresh-process memory, the samplers' pieces and the report files of a quick run (no assertion on speed)."
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from spn4cir.benchmarks import load_circo, load_genecis, validate_circo, validate_genecis
+from spn4cir.benchmarks import load_genecis, validate_circo, validate_genecis
 from spn4cir.core import SpnError, read_json, write_json
 from spn4cir.evaluate import ScoreConfig, score_predictions
 

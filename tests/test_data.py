@@ -1,6 +1,5 @@
 "Tests of spn4cir.data: conformance with the real FashionIQ / CIRR annotation files, round trips, bad input."
 import json, random, warnings
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Tests of spn4cir.evaluate against a brute-force reference (full score matrix, Python sorts and loops)."""
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

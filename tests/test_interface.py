@@ -13,7 +13,7 @@ from spn4cir.evaluate import (cirr_metrics, encode_split, fashioniq_metrics, gen
                               topk_retrieval)
 from spn4cir.models import FAMILIES, CIRFamily, CIRModel, create_backbone, load_checkpoint, save_checkpoint
 from spn4cir.engine import find_train_state
-from spn4cir.stage2 import STATE_DIR, Stage2Config, bank_rows, build_banks, score_gaps, step_queries, train_stage2
+from spn4cir.stage2 import STATE_DIR, Stage2Config, build_banks, score_gaps, step_queries, train_stage2
 from spn4cir.synthetic import write_shapes_cir
 
 

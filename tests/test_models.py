@@ -1,5 +1,5 @@
 "Backbones, combiners, checkpoints and CLIP4Cir import (spn4cir.models)."
-import argparse, json
+import argparse
 
 import open_clip
 import pytest
@@ -11,9 +11,9 @@ from torch import nn
 
 from spn4cir.core import SpnError, read_json, write_json
 from spn4cir import models
-from spn4cir.models import (CIRModel, Clip4CirCombiner, SumCombiner, backbone_config, create_backbone,
-                            import_clip4cir, load_checkpoint, load_model, parse_spec, read_weights,
-                            save_checkpoint, set_trainable)
+from spn4cir.models import (CIRModel, Clip4CirCombiner, backbone_config, create_backbone, import_clip4cir,
+                            load_checkpoint, load_model, parse_spec, read_weights, save_checkpoint,
+                            set_trainable)
 
 TEXTS = ["a red circle", "make it a blue square on the left", "word " * 500]
 

@@ -1,6 +1,5 @@
 "The demo pipeline end to end on a tiny Shapes-CIR: five rows, a report, plots, resume and determinism."
 import json
-from pathlib import Path
 
 import pytest
 

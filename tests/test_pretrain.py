@@ -1,5 +1,6 @@
 "Contrastive pretraining of a small CLIP (spn4cir.pretrain)."
-import json, math, random
+import math
+import random
 
 import open_clip
 import pytest

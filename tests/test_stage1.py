@@ -1,12 +1,13 @@
 """Tests of spn4cir.stage1: multi-process equivalence (gloo, 2 CPU processes), exact resume, non-finite loss, mixing, train parts."""
-import os, subprocess, sys, textwrap
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from spn4cir.core import SpnError, read_json, read_jsonl
 from spn4cir.data import write_triplets

@@ -1,6 +1,4 @@
 "Stage 2: bank caching, freezing and the training run (the bank loss itself: tests/test_bank.py)."
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,9 +85,8 @@ from spn4cir.data import Triplet, load_dataset, write_triplets
 from spn4cir.models import load_model, save_checkpoint
 from spn4cir.synthetic import write_shapes_cir
 from spn4cir.models import load_checkpoint
-from spn4cir import engine
 from spn4cir.engine import Plan, RunFiles, find_train_state, train_epoch
-from spn4cir.stage1 import epoch_order, training_set
+from spn4cir.stage1 import training_set
 from spn4cir.stage2 import (HISTORY_FILE, CURVE_FILE, STATE_DIR, Stage2Config, bank_rows, freeze_image_side, read_extra_negatives,
                             train_bank_images)
 from spn4cir.stage2 import train_stage2 as stage2_job

@@ -6,9 +6,9 @@ from PIL import Image
 
 from spn4cir.core import SpnError, read_json, read_jsonl, write_json
 from spn4cir.data import load_dataset
-from spn4cir.synthetic import (CATEGORIES, SPLITS, SLOT_TEMPLATE, build_shapes_cir, full_caption, random_edit,
-                               random_scene, scene_diff, modification_texts, shapes_vocab, validate_dataset,
-                               write_shapes_cir, _WHERE)
+from spn4cir.synthetic import (CATEGORIES, SPLITS, SLOT_TEMPLATE, build_shapes_cir, random_edit, random_scene,
+                               scene_diff, modification_texts, shapes_vocab, validate_dataset, write_shapes_cir,
+                               _WHERE)
 
 TINY = dict(n_train_triplets=10, n_unlabeled=20, n_val=6, n_test=6, n_pretrain=8, n_duplicates=2, progress=False)
 
