@@ -71,6 +71,9 @@ class Scene:
 # %% ../nbs/02_synthetic.ipynb #1426db11
 DOMAINS = ("shapes", "glyphs")   # Shapes-CIR, and the second domain of `spn4cir.glyphs`
 
+def _check_domain(domain:str):
+    if domain not in DOMAINS: raise SpnError(f"unknown domain {domain!r}, use one of {DOMAINS}")
+
 def _star(cx, cy, r, points=5, inner=0.45):
     return [(cx + (r if k % 2 == 0 else r * inner) * math.cos(-math.pi / 2 + k * math.pi / points),
              cy + (r if k % 2 == 0 else r * inner) * math.sin(-math.pi / 2 + k * math.pi / points))
@@ -105,7 +108,7 @@ def render_scene(scene:Scene, # what to draw
     "Draw `scene` as an RGB image of `size` x `size` pixels."
     if size < 16: raise SpnError(f"image size {size} is too small to draw shapes, use at least 16 pixels")
     big = size * supersample
-    if domain not in DOMAINS: raise SpnError(f"unknown domain {domain!r}, use one of {DOMAINS}")
+    _check_domain(domain)
     im = Image.new("RGB", (big, big), BACKGROUNDS[scene.background]) if domain == "shapes" else glyph_card(scene.background, big)
     draw = ImageDraw.Draw(im)
     for item in scene.ordered():
@@ -335,7 +338,7 @@ def in_domain(text:str, # a text in Shapes-CIR's words
               domain:str # "shapes" or "glyphs"
              ) -> str:
     "`text` in the words of `domain`."
-    if domain not in DOMAINS: raise SpnError(f"unknown domain {domain!r}, use one of {DOMAINS}")
+    _check_domain(domain)
     return text if domain == "shapes" else glyph_text(text)
 
 def domain_vocab(domain:str="shapes") -> dict:
