@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, processors
 import transformers as tf
+from fastcore.basics import patch
 
 from .core import SpnError
 from .data import image_transform
@@ -102,20 +103,26 @@ _GROUPS = {"image": {"image"}, "text": {"qformer", "query"}, "both": {"image", "
            "all": {"image", "qformer", "query", "scale"}}
 
 def _part_of(name:str) -> str:
-    "Which part a `Blip2CIR` parameter belongs to: image (the ViT), query (the stage-2 copy), scale, or qformer."
+    "Which part a `Blip2CIR` parameter belongs to: image (the ViT), query (the stage-2 copy), prompt (SPRC's), scale, or qformer."
     head = name.split(".")[0]
     if head == "vision_model": return "image"
     if head in _COPY: return "query"
+    if head == "prompt_tokens": return "prompt"
     return "scale" if head == "temp" else "qformer"
 
 def _ones(tokens:torch.Tensor) -> torch.Tensor: return torch.ones(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
 def _prefix_mask(mask:torch.Tensor, k:int) -> torch.Tensor: return torch.cat([mask.new_ones(len(mask), k), mask], dim=1)
 
+def _prompt(config:tf.Blip2Config, device:torch.device|None=None) -> nn.Parameter:
+    "SPRC's learned text prompt `(1, K, H)`, drawn as SPRC draws it: normal, at the Q-Former's initializer range."
+    q = config.qformer_config
+    return nn.Parameter(torch.empty(1, config.num_query_tokens, q.hidden_size, device=device).normal_(0.0, q.initializer_range))
+
 # %% ../nbs/03c_blip2.ipynb #f4256961
 class Blip2CIR(nn.Module, CIRFamily):
     "BLIP-2 Q-Former CIR: K query vectors per target, a fused first pass over reference and text, a second text pass for the query."
     family, target_vectors, caches_reference, state_reads_text = "blip2", 32, True, True
-    trainable_groups, stage2_groups = tuple(_GROUPS), ("query",)
+    trainable_groups, stage2_groups, stage1_objectives = tuple(_GROUPS), ("query",), ("sprc",)
     config_keys = ("name", "blip2", "tokenizer", "image", "query_copy")
     def __init__(self,
                  hf:tf.Blip2ForImageTextRetrieval, # the transformers model whose pieces are taken (its ITM head is not)
@@ -123,7 +130,8 @@ class Blip2CIR(nn.Module, CIRFamily):
                  image:dict, # `{size, mean, std}` of the image preprocessing
                  name:str="spn-tiny-blip2", # what it was built from (a hub id, a folder, or the tiny name)
                  provenance:dict|None=None, # where the weights came from
-                 query_copy:bool=False): # True: the second pass has its own Q-Former copy (stage 2 made it)
+                 query_copy:bool=False, # True: the second pass has its own Q-Former copy (stage 2 made it)
+                 sprc_prompt:bool=False): # True: SPRC's learned text prompt exists (a stage-1 run with aux_loss='sprc' made it)
         super().__init__()
         self.blip2_config = hf.config
         self.vision_model, self.query_tokens, self.embeddings, self.qformer = hf.vision_model, hf.query_tokens, hf.embeddings, hf.qformer
@@ -133,6 +141,8 @@ class Blip2CIR(nn.Module, CIRFamily):
         self.preprocess_cfg = {"size": int(image["size"]), "mean": list(image["mean"]), "std": list(image["std"])}
         self.backbone_name, self.target_vectors = name, int(hf.config.num_query_tokens)
         self.provenance, self.extra_config, self.query_copy = dict(provenance or {}), {}, False
+        self.sprc_prompt, self.objective = sprc_prompt, None          # the prompt's existence is saved; whether it trains is the run's
+        if sprc_prompt: self.prompt_tokens = _prompt(hf.config)
         if query_copy: self.split_query_path()
 
     @property
@@ -220,11 +230,12 @@ class Blip2CIR(nn.Module, CIRFamily):
     def set_trainable(self, *groups:str, # names of `trainable_groups`; their union trains
                       temperature:bool=True # False keeps the contrastive temperature frozen even under 'all'
                      ) -> list[nn.Parameter]:
-        "Freeze everything except `groups` (`query` first splits off the second pass's copy); return the parameters left trainable."
+        "Freeze everything except `groups` (`query` first splits off the second pass's copy; SPRC's prompt only under its objective); return the trainable parameters."
         bad = [g for g in groups if g not in _GROUPS]
         if bad or not groups: raise SpnError(f"unknown trainable group {bad[0] if bad else None!r}, use one of {list(self.trainable_groups)}")
         if "query" in groups: self.split_query_path()
         wanted = set().union(*(_GROUPS[g] for g in groups)) - (set() if temperature else {"scale"})
+        if "qformer" in wanted and self.objective == "sprc": wanted.add("prompt")   # SPRC's prompt trains with the Q-Former, while its objective is on
         for name, p in self.named_parameters(): p.requires_grad_(_part_of(name) in wanted)
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -251,9 +262,10 @@ class Blip2CIR(nn.Module, CIRFamily):
 
     # ---- config, rebuild, preprocessing, loading
     def config(self) -> dict:
-        "`{family, name, blip2, tokenizer, image, query_copy}`, what a checkpoint stores to rebuild the architecture."
+        "`{family, name, blip2, tokenizer, image, query_copy, sprc_prompt}`, what a checkpoint stores to rebuild the architecture."
         return {"family": self.family, "name": self.backbone_name, "blip2": json.loads(self.blip2_config.to_json_string(use_diff=False)),
-                "tokenizer": dict(self.tokenizer_spec), "image": dict(self.preprocess_cfg), "query_copy": self.query_copy}
+                "tokenizer": dict(self.tokenizer_spec), "image": dict(self.preprocess_cfg), "query_copy": self.query_copy,
+                "sprc_prompt": self.sprc_prompt}
 
     @classmethod
     def from_config(cls, config:dict, source=None) -> Blip2CIR:
@@ -263,7 +275,7 @@ class Blip2CIR(nn.Module, CIRFamily):
         try: hf_config = tf.Blip2Config.from_dict(config["blip2"])
         except Exception as e: raise SpnError(f"not a transformers Blip2Config: {e}", file=source) from None
         return cls(tf.Blip2ForImageTextRetrieval(hf_config), config["tokenizer"], config["image"], config.get("name", "blip2"),
-                   config.get("provenance"), bool(config.get("query_copy", False)))
+                   config.get("provenance"), bool(config.get("query_copy", False)), bool(config.get("sprc_prompt", False)))
 
     def image_transform(self, kind:str="targetpad", # 'targetpad' (CLIP4Cir's pad-then-resize) or 'resize'
                         ratio:float=1.25) -> Callable: # target-pad aspect-ratio threshold
@@ -358,3 +370,25 @@ def save_tiny_blip2(path:str|os.PathLike, # folder to write: config, safetensors
                                sep_token="[SEP]", mask_token="[MASK]").save_pretrained(path)
     tf.BlipImageProcessor(size={"height": 64, "width": 64}, image_mean=list(BLIP2_MEAN), image_std=list(BLIP2_STD)).save_pretrained(path)
     return path
+
+# %% ../nbs/03c_blip2.ipynb #68463e8c
+@patch
+def use_objective(self:Blip2CIR, name:str|None # 'sprc' (SPRC's prompt alignment), or None to turn it off
+                 ):
+    "`'sprc'` turns SPRC's prompt alignment on (adding the learned text prompt when the model has none); None turns it off (a prompt stays, frozen)."
+    if name not in (None, "sprc"): CIRFamily.use_objective(self, name)
+    if name == "sprc" and not self.sprc_prompt: self.prompt_tokens, self.sprc_prompt = _prompt(self.blip2_config, self.device), True
+    if name is None and self.sprc_prompt: self.prompt_tokens.requires_grad_(False)
+    self.objective = name
+
+# %% ../nbs/03c_blip2.ipynb #424da300
+@patch
+def stage1_auxiliary(self:Blip2CIR, states:torch.Tensor|None, # (b, K, H) the fused first pass of the batch's references
+                     texts # the modification texts (strings or `tokenize`'s packing)
+                    ) -> tuple[torch.Tensor|None, torch.Tensor|None]:
+    "SPRC's terms when on: the text prompt's unit queries `(b, D)` and the alignment MSE of the fused pass to the prompt; else (None, None)."
+    if self.objective != "sprc": return None, None
+    if states is None: raise SpnError("SPRC's prompt alignment needs the references' fused first pass (their reference_state)")
+    prompt = self.prompt_tokens.expand(len(states), -1, -1)                                       # (b, K, H)
+    align = F.mse_loss(states.float().mean(dim=1), prompt.detach().float().mean(dim=1))           # the prompt is the target, not moved
+    return self.state_queries(prompt, texts), align

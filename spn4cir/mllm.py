@@ -18,9 +18,10 @@ from .models import FAMILIES, CIRFamily, clip_loss
 from .synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
 
 # %% auto #0
-__all__ = ['PROMPTS', 'IMAGE_MARK', 'TINY_SPECIAL', 'TINY_WORDS', 'check_prompts', 'prompt_parts', 'tiny_tokenizer',
-           'tiny_llava_config', 'mllm_config', 'MllmCIR', 'tiny_mllm', 'check_llava_folder', 'tokenizer_entry',
-           'chat_wrap', 'load_llava_folder', 'MllmCaptioner', 'caption_slots']
+__all__ = ['PROMPTS', 'IMAGE_MARK', 'TINY_SPECIAL', 'TINY_WORDS', 'LLAVA_CLASSES', 'TINY_CHAT', 'check_prompts', 'prompt_parts',
+           'tiny_tokenizer', 'llava_kind', 'tiny_llava_config', 'llava_model', 'mllm_config', 'MllmCIR',
+           'base_tile_state', 'tiny_mllm', 'check_llava_folder', 'tokenizer_entry', 'chat_wrap', 'load_llava_folder',
+           'save_tiny_llava', 'MllmCaptioner', 'caption_slots']
 
 # %% ../nbs/03d_mllm.ipynb #a188b414
 PROMPTS = {"gallery": "<image>\n Describe this image in one word:",
@@ -72,24 +73,48 @@ def tiny_tokenizer():
     tok.add_special_tokens(TINY_SPECIAL)
     return tok
 
+# %% ../nbs/03d_mllm.ipynb #66e6f67b
+LLAVA_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}   # model_type -> class
+
+def llava_kind(llava:dict # a LLaVA config dict (no `model_type`: 'llava')
+              ) -> str:
+    "The architecture a LLaVA config dict names, 'llava' or 'llava_next' (`SpnError` for any other)."
+    kind = llava.get("model_type") or "llava"
+    if kind not in LLAVA_CLASSES:
+        raise SpnError(f"the mllm family builds model_type {' or '.join(map(repr, LLAVA_CLASSES))}, not {kind!r}")
+    return kind
+
 # %% ../nbs/03d_mllm.ipynb #0d12e200
 def tiny_llava_config(vocab_size:int, # the tokenizer's size
                       image_token_id:int=4, # the image token (`TINY_SPECIAL` order)
                       width:int=64, # vision and LM hidden size
-                      layers:int=2 # vision and LM layers
+                      layers:int=2, # vision and LM layers
+                      kind:str="llava" # 'llava' (`LlavaConfig`) or 'llava_next' (`LlavaNextConfig`)
                      ) -> dict:
-    "The `LlavaConfig` dict of the tiny model."
+    "The `LlavaConfig` (or `LlavaNextConfig`) dict of the tiny model."
     import transformers as tf
     vision = tf.CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
                                  intermediate_size=2 * width)
     text = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
                           num_key_value_heads=2, intermediate_size=3 * width, max_position_embeddings=256,
                           pad_token_id=1, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
-    return tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id, image_seq_length=16,
-                          vision_feature_select_strategy="default", vision_feature_layer=-1).to_dict()
+    common = dict(vision_config=vision, text_config=text, image_token_index=image_token_id, image_seq_length=16,
+                  vision_feature_select_strategy="default")
+    if kind == "llava": return tf.LlavaConfig(**common, vision_feature_layer=-1).to_dict()
+    if kind == "llava_next":
+        return tf.LlavaNextConfig(**common, vision_feature_layer=-2, image_grid_pinpoints=[[64, 128], [128, 64], [128, 128]]).to_dict()
+    raise SpnError(f"unknown tiny LLaVA kind {kind!r}, use one of {list(LLAVA_CLASSES)}")
+
+# %% ../nbs/03d_mllm.ipynb #0f939a8d
+def llava_model(llava:dict # a `LlavaConfig` or `LlavaNextConfig` dict (`config()["llava"]`)
+               ) -> nn.Module:
+    "A `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` (as `model_type` says) with random weights."
+    import transformers as tf
+    cls = getattr(tf, LLAVA_CLASSES[llava_kind(llava)])
+    return cls(cls.config_class.from_dict(llava))
 
 # %% ../nbs/03d_mllm.ipynb #e6fafb8f
-def mllm_config(llava:dict, # `LlavaConfig.to_dict()`
+def mllm_config(llava:dict, # `LlavaConfig.to_dict()` or `LlavaNextConfig.to_dict()` (its `model_type` names the architecture)
                 tokenizer:dict, # {"json", "pad_id", "eos_id", "prefix", "suffix"}
                 prompts:dict|None=None, # prompt overrides (see `PROMPTS`)
                 chat_wrap:str="{prompt}", # the chat template around a user turn, `{prompt}` where it goes
@@ -101,6 +126,7 @@ def mllm_config(llava:dict, # `LlavaConfig.to_dict()`
                ) -> dict:
     "A checked `MllmCIR` config (without `family`)."
     from spn4cir.data import CLIP_MEAN, CLIP_STD
+    llava_kind(llava)
     if "{prompt}" not in chat_wrap: raise SpnError(f"chat_wrap {chat_wrap!r} needs {{prompt}} where the user turn goes")
     missing = [k for k in ("json", "pad_id", "eos_id", "prefix", "suffix") if k not in tokenizer]
     if missing: raise SpnError(f"the tokenizer entry lacks {missing}")
@@ -115,25 +141,27 @@ def _part(name:str, lora:bool) -> str|None:
     if name == "logit_scale": return "scale"
     if name.startswith("llava.lm_head."): return "lm_head"   # only captioning reads it: trained under 'all' (pretraining)
     if name.startswith(("llava.model.vision_tower.", "llava.model.multi_modal_projector.")): return "image"
+    if name == "llava.model.image_newline": return "image"   # LLaVA-NeXT: part of every reference state, so cached with it
     if name.startswith("head."): return "text"
     if lora: return "text" if "lora_" in name else None
     return "text"
 
 # %% ../nbs/03d_mllm.ipynb #31b2133b
 class MllmCIR(nn.Module, CIRFamily):
-    "A LLaVA model as a CIR embedder: unit last-token hidden states under InstructCIR's prompts; the reference state is the projected image tokens."
+    "A LLaVA or LLaVA-NeXT model as a CIR embedder: unit last-token hidden states under InstructCIR's prompts; the reference state is the projected image tokens."
     family, target_vectors, caches_reference, state_reads_text = "mllm", 1, True, False
     trainable_groups, stage2_groups = ("text", "image", "both", "all"), ("text",)
     config_keys = ("llava", "tokenizer", "prompts", "chat_wrap", "image", "text")
 
     def __init__(self, config:dict, # `mllm_config(...)` (a `family` key is ignored)
-                 llava:nn.Module|None=None, # a `LlavaForConditionalGeneration` with its weights; None: random, from the config
+                 llava:nn.Module|None=None, # a `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` with its weights; None: random
                  provenance:dict|None=None): # where the weights came from
         super().__init__()
-        import transformers as tf
         from tokenizers import Tokenizer
         self.cfg = json.loads(json.dumps({k: config[k] for k in self.config_keys}))   # plain JSON: what a checkpoint reads back
-        self.llava = llava if llava is not None else tf.LlavaForConditionalGeneration(tf.LlavaConfig.from_dict(self.cfg["llava"]))
+        self.llava = llava if llava is not None else llava_model(self.cfg["llava"])
+        if self.llava.config.model_type != self.architecture:
+            raise SpnError(f"the config is a {self.architecture!r} model but the given LLaVA a {self.llava.config.model_type!r} one")
         text = self.cfg["text"]
         self.head = nn.Linear(self.hidden_size, text["head_dim"], bias=False) if text.get("head_dim") else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -151,6 +179,8 @@ class MllmCIR(nn.Module, CIRFamily):
 
     @property
     def device(self) -> torch.device: return self.logit_scale.device
+    @property
+    def architecture(self) -> str: return llava_kind(self.cfg["llava"])   # 'llava' or 'llava_next', as the config records it
     @property
     def hidden_size(self) -> int: return int(self.llava.config.text_config.hidden_size)
     @property
@@ -240,11 +270,26 @@ def embed(self:MllmCIR, kind:str, # 'gallery', 'query' or 'caption'
     h = self.lm_hidden(ids, mask, state)[:, -1]
     return F.normalize(self.head(h) if self.head is not None else h, dim=-1)
 
+# %% ../nbs/03d_mllm.ipynb #5113a731
+def base_tile_state(model:nn.Module, # a `LlavaNextModel` (`LlavaNextForConditionalGeneration.model`)
+                    pixels:torch.Tensor # (N, 3, S, S) images at the vision tower's size S
+                   ) -> torch.Tensor:
+    "Projected tokens `(N, P + 1, H)` of LLaVA-NeXT's base tile: P patch tokens, then `image_newline` (a single tile's packing)."
+    cfg = model.config
+    hidden = model.vision_tower(pixels, output_hidden_states=True, return_dict=True).hidden_states
+    layer = cfg.vision_feature_layer
+    x = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
+    if cfg.vision_feature_select_strategy == "default": x = x[:, 1:]   # drop CLS
+    x = model.multi_modal_projector(x)
+    return torch.cat([x, model.image_newline.to(x)[None, None].expand(len(x), 1, -1)], dim=1)
+
 # %% ../nbs/03d_mllm.ipynb #f91d8a29
 @patch
 def reference_state(self:MllmCIR, images:torch.Tensor, texts=None) -> torch.Tensor:
-    "The reference image's projected tokens `(N, T, H)` (vision tower + projector, LLaVA's feature layer and CLS choice)."
-    out = self.llava.model.get_image_features(pixel_values=images.to(self.device, self.llava.dtype), return_dict=True)
+    "The reference image's projected tokens `(N, T, H)` (vision tower + projector, the feature layer and CLS choice; LLaVA-NeXT: its base tile)."
+    pixels = images.to(self.device, self.llava.dtype)
+    if self.architecture == "llava_next": return base_tile_state(self.llava.model, pixels)
+    out = self.llava.model.get_image_features(pixel_values=pixels, return_dict=True)
     return torch.stack(list(out.pooler_output))
 
 # %% ../nbs/03d_mllm.ipynb #993e4641
@@ -275,8 +320,10 @@ def caption_embeddings(self:MllmCIR, tokens:torch.Tensor) -> torch.Tensor:
 # %% ../nbs/03d_mllm.ipynb #774dc688
 @patch
 def image_side(self:MllmCIR) -> nn.Module:
-    "Vision tower and projector (a fresh container: the modules are registered once, under `llava`)."
-    return nn.ModuleDict({"vision_tower": self.llava.model.vision_tower, "projector": self.llava.model.multi_modal_projector})
+    "Vision tower and projector, and LLaVA-NeXT's `image_newline` (a fresh container: the modules are registered once, under `llava`)."
+    side = nn.ModuleDict({"vision_tower": self.llava.model.vision_tower, "projector": self.llava.model.multi_modal_projector})
+    if self.architecture == "llava_next": side["newline"] = nn.ParameterDict({"image_newline": self.llava.model.image_newline})
+    return side
 
 # %% ../nbs/03d_mllm.ipynb #3c40ffc8
 @patch
@@ -362,27 +409,29 @@ FAMILIES[MllmCIR.family] = MllmCIR
 
 # %% ../nbs/03d_mllm.ipynb #bd345de3
 def tiny_mllm(seed:int=0, # the random initialisation
+              kind:str="llava", # 'llava', or 'llava_next' for the same modules as a LLaVA-NeXT
               **options # `mllm_config` keywords (head_dim, lora, prompts, ...)
              ) -> MllmCIR:
-    "`spn-tiny-mllm`: the tiny LLaVA with random weights and the word-level tokenizer, offline."
+    "`spn-tiny-mllm`: the tiny LLaVA (or LLaVA-NeXT) with random weights and the word-level tokenizer, offline."
     tok = tiny_tokenizer()
     ids = {t: tok.token_to_id(t) for t in TINY_SPECIAL}
     tokenizer = {"json": tok.to_str(), "pad_id": ids["<pad>"], "eos_id": ids["</s>"], "prefix": [ids["<s>"]], "suffix": []}
     torch.manual_seed(seed)
-    model = MllmCIR(mllm_config(tiny_llava_config(tok.get_vocab_size(), ids["<image>"]), tokenizer, **options),
-                    provenance={"spec": "spn-tiny-mllm", "weights": "random init", "seed": seed})
+    model = MllmCIR(mllm_config(tiny_llava_config(tok.get_vocab_size(), ids["<image>"], kind=kind), tokenizer, **options),
+                    provenance={"spec": "spn-tiny-mllm" if kind == "llava" else f"tiny_mllm(kind={kind!r})", "weights": "random init", "seed": seed})
     return model.eval()
 
 # %% ../nbs/03d_mllm.ipynb #f094ba2f
 def check_llava_folder(folder:str|os.PathLike # a Hugging Face model folder
                       ) -> dict:
-    "The folder's `config.json`, after checking it is a LLaVA with safetensors weights and a processor (`SpnError` otherwise)."
+    "The folder's `config.json`, after checking it is a LLaVA or LLaVA-NeXT with safetensors weights and a processor (`SpnError` otherwise)."
     folder = Path(folder)
     if not (folder / "config.json").is_file(): raise SpnError("no config.json: not a Hugging Face model folder", folder)
     cfg = read_json(folder / "config.json")
     kind = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if kind != "llava":
-        raise SpnError(f"holds a {kind!r} model, not a LLaVA (model_type 'llava'); the mllm family loads LlavaForConditionalGeneration folders", folder)
+    if kind not in LLAVA_CLASSES:
+        raise SpnError(f"holds a {kind!r} model, not a LLaVA (model_type 'llava' or 'llava_next'); mllm: takes a LlavaForConditionalGeneration "
+                       "or LlavaNextForConditionalGeneration folder or hub id (for BLIP-2 pass blip2:FOLDER, for CLIP an open_clip spec)", folder)
     if not any(folder.glob("*.safetensors")):
         if any(folder.glob("*.bin")):
             raise SpnError("holds only pickled .bin weights; the mllm family reads safetensors only (unpickling can run code): "
@@ -415,11 +464,11 @@ def chat_wrap(processor) -> str:
     raise SpnError("the processor's chat template does not render a single user turn; save the processor without it")
 
 # %% ../nbs/03d_mllm.ipynb #208381d7
-def load_llava_folder(folder:str|os.PathLike, # a checked LLaVA folder (see `check_llava_folder`)
+def load_llava_folder(folder:str|os.PathLike, # a LLaVA or LLaVA-NeXT folder (checked by `check_llava_folder`)
                       dtype:str|torch.dtype="auto", # weights' dtype ('auto': as saved)
                       **options # `mllm_config` keywords (prompts, head_dim, lora, ...)
                      ) -> MllmCIR:
-    "An `MllmCIR` from a LLaVA folder: its weights, processor (mean, std, chat template) and tokenizer."
+    "An `MllmCIR` from a LLaVA or LLaVA-NeXT folder: its weights (safetensors), processor (mean, std, chat template) and tokenizer."
     import transformers as tf
     folder = Path(folder); cfg = check_llava_folder(folder)
     try: processor = tf.AutoProcessor.from_pretrained(str(folder))
@@ -429,7 +478,7 @@ def load_llava_folder(folder:str|os.PathLike, # a checked LLaVA folder (see `che
     image_token, image_id = getattr(processor, "image_token", None) or IMAGE_MARK, cfg.get("image_token_index", cfg.get("image_token_id"))
     if image_id is None or image_token not in tok.get_vocab() or tok.convert_tokens_to_ids(image_token) != image_id:
         raise SpnError(f"no image token: the tokenizer lacks {image_token!r} as id {image_id} (config.json image_token_index); not an image-text model?", folder)
-    llava = tf.LlavaForConditionalGeneration.from_pretrained(str(folder), use_safetensors=True, dtype=dtype)
+    llava = getattr(tf, LLAVA_CLASSES[cfg["model_type"]]).from_pretrained(str(folder), use_safetensors=True, dtype=dtype)
     improc = processor.image_processor
     image = {"size": int(llava.config.vision_config.image_size), "mean": list(improc.image_mean), "std": list(improc.image_std)}
     config = mllm_config(llava.config.to_dict(), tokenizer_entry(tok), chat_wrap=chat_wrap(processor), image=image, **options)
@@ -437,9 +486,9 @@ def load_llava_folder(folder:str|os.PathLike, # a checked LLaVA folder (see `che
 
 # %% ../nbs/03d_mllm.ipynb #045fe06c
 @patch(cls_method=True)
-def from_pretrained(cls:MllmCIR, source:str # 'spn-tiny-mllm', a LLaVA folder, or a hub id ORG/NAME
+def from_pretrained(cls:MllmCIR, source:str # 'spn-tiny-mllm', a LLaVA or LLaVA-NeXT folder, or a hub id ORG/NAME
                    ) -> MllmCIR:
-    "The tiny model, or a LLaVA from a folder or the hub (safetensors only)."
+    "The tiny model, or a LLaVA or LLaVA-NeXT from a folder or the hub (safetensors only)."
     if str(source) == "spn-tiny-mllm": return tiny_mllm()
     folder = Path(source)
     if not folder.is_dir():
@@ -449,6 +498,33 @@ def from_pretrained(cls:MllmCIR, source:str # 'spn-tiny-mllm', a LLaVA folder, o
         try: folder = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
         except Exception as e: raise SpnError(f"could not download {source!r} from the hub: {str(e).splitlines()[0]}") from None
     return load_llava_folder(folder)
+
+# %% ../nbs/03d_mllm.ipynb #b31ddad9
+TINY_CHAT = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+             "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+             "{% if add_generation_prompt %}ASSISTANT:{% endif %}")   # 'USER: ... ASSISTANT:', in the tiny vocabulary
+
+def save_tiny_llava(path:str|os.PathLike, # folder to write: config, safetensors weights, processor, tokenizer, chat template
+                    kind:str="llava_next", # 'llava_next' (`LlavaNextProcessor`, anyres grids) or 'llava'
+                    seed:int=0 # seed of the random weights
+                   ) -> Path:
+    "Write the tiny LLaVA-NeXT (or LLaVA) as a Hugging Face model folder with its processor, for offline checks of the loader."
+    import transformers as tf
+    from spn4cir.data import CLIP_MEAN, CLIP_STD
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                     eos_token="</s>", extra_special_tokens={"image_token": IMAGE_MARK})
+    torch.manual_seed(seed)
+    llava = llava_model(tiny_llava_config(len(tok), tok.convert_tokens_to_ids(IMAGE_MARK), kind=kind))
+    with torch.no_grad():
+        for p in llava.parameters(): p.add_(0.05 * torch.randn_like(p))   # larger weights: outputs that depend on the input
+    image = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    common = dict(tokenizer=tok, patch_size=16, vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=TINY_CHAT)
+    if kind == "llava_next":
+        grids = llava.config.image_grid_pinpoints
+        processor = tf.LlavaNextProcessor(image_processor=tf.LlavaNextImageProcessor(**image, image_grid_pinpoints=grids), **common)
+    else: processor = tf.LlavaProcessor(image_processor=tf.CLIPImageProcessor(**image), **common)
+    path = Path(path); llava.save_pretrained(path); processor.save_pretrained(path)   # transformers 5 writes safetensors only
+    return path
 
 # %% ../nbs/03d_mllm.ipynb #efa189cd
 @patch

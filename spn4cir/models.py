@@ -21,11 +21,11 @@ import spn4cir
 from .core import SpnError, atomic_save, blocked_globals, read_json, write_json
 
 # %% auto #0
-__all__ = ['TINY_CONFIGS', 'COMBINERS', 'TRAINABLE', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CHECKPOINT_FORMAT', 'FAMILIES',
-           'FAMILY_MODULES', 'TINY_FAMILY_MODELS', 'register_tiny_configs', 'parse_spec', 'backbone_config',
+__all__ = ['TINY_CONFIGS', 'COMBINERS', 'STAGE1_OBJECTIVES', 'TRAINABLE', 'CONFIG_FILE', 'WEIGHTS_FILE', 'CHECKPOINT_FORMAT',
+           'FAMILIES', 'FAMILY_MODULES', 'TINY_FAMILY_MODELS', 'register_tiny_configs', 'parse_spec', 'backbone_config',
            'build_backbone', 'make_tokenizer', 'read_weights', 'load_state_strict', 'create_backbone', 'SumCombiner',
-           'Clip4CirCombiner', 'combiner_from_config', 'CIRFamily', 'squeeze_targets', 'clip_loss', 'CIRModel',
-           'set_trainable', 'family_class', 'config_keys', 'save_checkpoint', 'load_checkpoint',
+           'Clip4CirCombiner', 'combiner_from_config', 'CIRFamily', 'objective_refusal', 'squeeze_targets', 'clip_loss',
+           'CIRModel', 'set_trainable', 'family_class', 'config_keys', 'save_checkpoint', 'load_checkpoint',
            'combiner_from_clip4cir', 'import_clip4cir', 'load_model']
 
 # %% ../nbs/03_models.ipynb #27cfc530
@@ -278,6 +278,7 @@ class CIRFamily(abc.ABC):
     trainable_groups:ClassVar[tuple[str, ...]] = () # the names `set_trainable` accepts
     stage2_groups:ClassVar[tuple[str, ...]] = () # the groups stage 2 trains (the image side stays frozen)
     config_keys:ClassVar[tuple[str, ...]] = () # keys `config()` always writes (a checkpoint's `config.json` must hold them)
+    stage1_objectives:ClassVar[tuple[str, ...]] = () # auxiliary stage-1 objectives `use_objective` accepts (`Stage1Config.aux_loss`)
     provenance:dict # where the weights came from (spec, files, pretraining); saved with every checkpoint
     extra_config:dict # what the last trainer added (training arguments, metrics); saved with every checkpoint
 
@@ -326,9 +327,27 @@ class CIRFamily(abc.ABC):
     def from_pretrained(cls, source:str) -> CIRFamily:
         "A model from the family's own spec (`FAMILY:SOURCE` on the command line: a hub id, a folder, or a tiny name)."
         raise SpnError(f"the {cls.family} family has no loader for {source!r}")
+    def use_objective(self, name:str|None):
+        "Turn on the auxiliary stage-1 objective `name` (creating the parameters it needs), or with None turn any off."
+        if name is not None: raise SpnError(objective_refusal(self.family, name))
+    def stage1_auxiliary(self, states:torch.Tensor|None, texts) -> tuple[torch.Tensor|None, torch.Tensor|None]:
+        "The objective's extra unit queries `(b, D)` (they retrieve the batch's targets too) and penalty scalar; (None, None) when none is on."
+        return None, None
     def freeze_image_side(self) -> list[nn.Parameter]:
         "Freeze everything but `stage2_groups` (never a temperature); return what stage 2 trains."
         return self.set_trainable(*self.stage2_groups, temperature=False)
+
+# %% ../nbs/03_models.ipynb #de42adfd
+STAGE1_OBJECTIVES = {"sprc": ("blip2", "SPRC's sentence-level prompt alignment")}   # auxiliary stage-1 objective -> (family, what it is)
+
+def objective_refusal(family:str, # the family asked for an objective it lacks
+                      name:str # the objective (`Stage1Config.aux_loss`)
+                     ) -> str:
+    "The one-line refusal of an auxiliary stage-1 objective a family does not have, naming what to pass instead."
+    if name not in STAGE1_OBJECTIVES: return f"unknown stage-1 objective {name!r} (known: {sorted(STAGE1_OBJECTIVES)}); drop aux_loss (--aux-loss)"
+    owner, what = STAGE1_OBJECTIVES[name]
+    return (f"the {family} family has no stage-1 objective {name!r} ({what}, an objective of the {owner} family): pass a {owner} model "
+            f"(--model {owner}:HUB_ID_OR_FOLDER, spn-tiny-{owner} or a {owner} checkpoint) or drop aux_loss (--aux-loss)")
 
 # %% ../nbs/03_models.ipynb #806f9ae1
 def squeeze_targets(targets:torch.Tensor # (N, K, D) target vectors

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_stage1.ipynb #1ac98bbe
 from __future__ import annotations
-import math, os, random, warnings
+import dataclasses, math, os, random, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .caption import read_captions
 from .core import Config, SpnError, check_count, check_number, pick_precision, seed_everything
 from .data import ImageDataset, Triplet, fashioniq_train_text, load_dataset, load_image, read_triplets
 from .engine import (SCHEDULES, Plan, RunFiles, TrainJob, cir_train_mode, cir_validation, ddp_wrap, distributed,
@@ -26,9 +27,9 @@ from .models import TRAINABLE, CIRFamily, CIRModel, load_checkpoint, load_model,
 from .images import duplicate_groups
 
 # %% auto #0
-__all__ = ['FORMATS', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'TrainingSet', 'training_set', 'train_text', 'epoch_order',
-           'cache_images', 'TripletBatches', 'gather_with_grad', 'gather_all', 'infonce_loss', 'QueryTargetNet',
-           'batch_loss', 'check_cir_fields', 'Stage1Config', 'train_stage1']
+__all__ = ['FORMATS', 'HISTORY_FILE', 'CURVE_FILE', 'STATE_DIR', 'TrainingSet', 'training_set', 'attach_captions', 'train_text',
+           'epoch_order', 'cache_images', 'TripletBatches', 'gather_with_grad', 'gather_all', 'infonce_loss',
+           'QueryTargetNet', 'batch_terms', 'batch_loss', 'check_cir_fields', 'Stage1Config', 'train_stage1']
 
 # %% ../nbs/06_stage1.ipynb #a61bffa0
 @dataclass
@@ -41,6 +42,9 @@ class TrainingSet:
     ref_rows:torch.Tensor # (N,) reference row of each triplet
     target_rows:torch.Tensor # (N,) target row of each triplet
     target_groups:torch.Tensor # (N,) duplicate group of each target (equal: identical pixels)
+    row_groups:torch.Tensor|None = None # (M,) duplicate group of each image row
+    captions:list[str]|None = None # caption of each image row (`attach_captions`), else None
+    caption_groups:torch.Tensor|None = None # (M,) per row: equal when the images are duplicates or their captions the same text
 
     def __len__(self): return len(self.triplets)
 
@@ -80,7 +84,39 @@ def training_set(data:str|os.PathLike, # dataset folder (official layout)
     refs = [rows.setdefault(t.reference, len(rows)) for t in triplets]
     targets = [rows.setdefault(t.target, len(rows)) for t in triplets]
     return TrainingSet(triplets, np.array([False] * len(human) + [True] * len(generated)), list(rows), [images[n] for n in rows],
-                       torch.tensor(refs), torch.tensor(targets), torch.tensor([groups[t.target] for t in triplets]))
+                       torch.tensor(refs), torch.tensor(targets), torch.tensor([groups[t.target] for t in triplets]),
+                       torch.tensor([groups[n] for n in rows]))
+
+# %% ../nbs/06_stage1.ipynb #36f5291d
+def _caption_groups(row_groups:torch.Tensor, texts:list[str]) -> torch.Tensor:
+    "(M,) ids, equal for rows linked (transitively) by duplicate images or by the same caption text."
+    parent = list(range(len(texts)))
+    def root(i:int) -> int:
+        while parent[i] != i: parent[i] = parent[parent[i]]; i = parent[i]
+        return i
+    first:dict[tuple, int] = {}
+    for i, (group, text) in enumerate(zip(row_groups.tolist(), texts)):
+        for key in (("image", group), ("text", " ".join(text.lower().split()))): parent[root(i)] = root(first.setdefault(key, i))
+    return torch.tensor([root(i) for i in range(len(texts))])
+
+def _first_use(tset:TrainingSet, row:int) -> str:
+    "The first triplet that uses image row `row`, in words."
+    i = int(((tset.ref_rows == row) | (tset.target_rows == row)).nonzero()[0])
+    role, n_human = "reference" if tset.ref_rows[i] == row else "target", int((~tset.generated).sum())
+    return f"the {role} of generated triplet {i - n_human} (the extra file)" if tset.generated[i] else f"the {role} of train triplet {i}"
+
+def attach_captions(tset:TrainingSet, # from `training_set`
+                    captions:str|os.PathLike # a captions.jsonl (`spn4cir caption`) with a caption for every training image
+                   ) -> TrainingSet:
+    "`tset` with each image row's caption and caption group: the inputs of the caption term."
+    caption_of = read_captions(captions)
+    missing = [r for r, name in enumerate(tset.image_names) if not caption_of.get(name, "").strip()]
+    if missing:
+        raise SpnError(f"no caption for image {tset.image_names[missing[0]]!r}, {_first_use(tset, missing[0])} ({len(missing)} of the "
+                       f"{len(tset.image_names)} training images have none); caption the train split (spn4cir caption --split train)", captions)
+    texts = [caption_of[n] for n in tset.image_names]
+    groups = tset.row_groups if tset.row_groups is not None else torch.arange(len(texts))
+    return dataclasses.replace(tset, captions=texts, caption_groups=_caption_groups(groups, texts))
 
 # %% ../nbs/06_stage1.ipynb #b74b3cf2
 def train_text(triplet:Triplet, # the example
@@ -128,8 +164,10 @@ class TripletBatches:
                  transform:Callable, # PIL image -> tensor
                  tokenize:Callable, # list of texts -> token ids, e.g. `model.tokenize`
                  seed:int=0, # the run's seed (texts)
-                 images:torch.Tensor|None=None): # `cache_images(tset, transform)`, or None to decode per batch
+                 images:torch.Tensor|None=None, # `cache_images(tset, transform)`, or None to decode per batch
+                 caption_negatives:bool=True): # with captions (`attach_captions`): the reference captions too, as hard negatives
         self.tset, self.format, self.transform, self.tokenize, self.seed, self.images = tset, format, transform, tokenize, seed, images
+        self.caption_negatives = caption_negatives
 
     def _image(self, row:int) -> torch.Tensor:
         if self.images is not None: return self.images[row]
@@ -142,7 +180,18 @@ class TripletBatches:
         texts = [train_text(self.tset.triplets[i], bool(self.tset.generated[i]), self.format, text_rng(self.seed, epoch, i)) for i in idx.tolist()]
         return {"images": torch.stack([self._image(r) for r in rows.tolist()]),   # (U, 3, H, W), U unique images
                 "ref_index": where[:len(idx)], "target_index": where[len(idx):],  # (b,) rows into images
-                "tokens": self.tokenize(texts), "texts": texts, "groups": self.tset.target_groups[idx]}
+                "tokens": self.tokenize(texts), "texts": texts, "groups": self.tset.target_groups[idx], **self._captions(idx)}
+
+    def _captions(self, idx:torch.Tensor) -> dict:
+        "Target captions (and reference captions with `ref_negative`, False where a reference caption is its target's) tokenised, with their groups."
+        t = self.tset
+        if t.captions is None: return {}
+        refs, targets = t.ref_rows[idx], t.target_rows[idx]
+        out = {"target_captions": self.tokenize([t.captions[r] for r in targets.tolist()]), "caption_groups": t.caption_groups[targets]}
+        if self.caption_negatives:
+            out |= {"ref_captions": self.tokenize([t.captions[r] for r in refs.tolist()]),
+                    "ref_negative": t.caption_groups[refs] != t.caption_groups[targets]}
+        return out
 
 # %% ../nbs/06_stage1.ipynb #7a799317
 class _GatherWithGrad(torch.autograd.Function):
@@ -176,15 +225,21 @@ def infonce_loss(queries:torch.Tensor, # (b, D) unit queries of this rank
                  targets:torch.Tensor, # (B, D) unit targets of the whole batch, or (B, K, D) scored by max over K; query i's target is row offset + i
                  tau:float, # temperature
                  groups:torch.Tensor|None=None, # (B,) duplicate group of each target; same-group targets are not negatives
-                 offset:int=0 # row of this rank's first target in `targets`
+                 offset:int=0, # row of this rank's first target in `targets`
+                 negatives:torch.Tensor|None=None, # (b, D) one extra negative per query, in a column of its own (a hard negative)
+                 negative_mask:torch.Tensor|None=None # (b,) bool: False leaves that query's extra negative out
                 ) -> torch.Tensor:
-    "Mean cross-entropy of `queries · targetsᵀ / tau` against each query's own target."
+    "Mean cross-entropy of `queries · targetsᵀ / tau` (plus each query's own extra negative) against each query's own target."
     labels = torch.arange(len(queries), device=queries.device) + offset
     logits = (queries @ targets.T if targets.ndim == 2 else torch.einsum("bd,nkd->bnk", queries, targets).amax(dim=2)) / tau   # (b, B)
     if groups is not None:
         same = groups[labels][:, None] == groups[None, :]
         same[torch.arange(len(queries), device=queries.device), labels] = False
         logits = logits.masked_fill(same, -torch.inf)
+    if negatives is not None:
+        hard = (queries * negatives).sum(dim=-1, keepdim=True) / tau                                                    # (b, 1)
+        if negative_mask is not None: hard = hard.masked_fill(~negative_mask[:, None].to(hard.device), -torch.inf)
+        logits = torch.cat([logits, hard], dim=1)                                                                       # (b, B + 1)
     return F.cross_entropy(logits, labels)
 
 # %% ../nbs/06_stage1.ipynb #adc7521a
@@ -196,27 +251,63 @@ class QueryTargetNet(nn.Module):
     def forward(self, images:torch.Tensor, # (U, 3, H, W) the batch's unique images
                 tokens:torch.Tensor, # (b, L) token ids of the texts
                 ref_index:torch.Tensor, # (b,) row of each reference in `images`
-                target_index:torch.Tensor # (b,) row of each target in `images`
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+                target_index:torch.Tensor, # (b,) row of each target in `images`
+                captions:torch.Tensor|None=None # (c, L) caption token ids to embed (the caption term), or None
+               ) -> tuple:
+        "`(queries, targets)`; `(queries, targets, extras)` when captions are given or the family's objective is on."
         m = self.model
         image_grad = torch.is_grad_enabled() and any(p.requires_grad for p in m.image_side().parameters())
         with torch.set_grad_enabled(image_grad):
             targets, states = m.encode_gallery(images)                                       # (U, K, D) unit, (U, ...) or None
-        if states is not None: queries = m.state_queries(states[ref_index], tokens)          # (b, D) unit
-        else: queries = m.image_queries(images[ref_index], tokens)
-        return queries, squeeze_targets(targets[target_index])                               # (b, D) or (b, K, D) unit
+        if states is not None: states = states[ref_index]
+        elif m.caches_reference: states = m.reference_state(images[ref_index], tokens if m.state_reads_text else None)
+        queries = m.state_queries(states, tokens) if states is not None else m.image_queries(images[ref_index], tokens)  # (b, D) unit
+        aux_queries, penalty = m.stage1_auxiliary(states, tokens)                            # (b, D) unit and a scalar, or None
+        extras = {k: v for k, v in (("captions", None if captions is None else m.caption_embeddings(captions)),   # (c, D) unit
+                                    ("aux_queries", aux_queries), ("penalty", penalty)) if v is not None}
+        targets = squeeze_targets(targets[target_index])                                     # (b, D) or (b, K, D) unit
+        return (queries, targets, extras) if extras else (queries, targets)
+
+def _caption_tokens(batch:dict) -> torch.Tensor|None:
+    "The target captions' tokens, then the reference captions' when the batch has them (one `caption_embeddings` pass)."
+    if "target_captions" not in batch: return None
+    return torch.cat([batch["target_captions"], batch["ref_captions"]]) if "ref_captions" in batch else batch["target_captions"]
+
+def batch_terms(net:nn.Module, # a `QueryTargetNet`, or DDP around one
+                batch:dict, # from `TripletBatches`: this rank's shard
+                tau:float, # temperature
+                device:torch.device # where the net lives
+               ) -> dict[str, torch.Tensor]:
+    "This rank's loss terms: `image` (queries vs every rank's targets); `caption` with captions; `aux` and `penalty` with a family objective."
+    captions = _caption_tokens(batch)
+    out = net(batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True), batch["ref_index"].to(device),
+              batch["target_index"].to(device), None if captions is None else captions.to(device, non_blocking=True))
+    queries, targets, extras = out if len(out) == 3 else (*out, {})
+    offset = dist.get_rank() * len(queries) if distributed() else 0
+    with torch.autocast(device.type, enabled=False):   # float32 logits even under autocast: at tau = 0.01 they reach 100
+        queries, targets, groups = queries.float(), gather_with_grad(targets.float()), gather_all(batch["groups"].to(device))
+        terms = {"image": infonce_loss(queries, targets, tau, groups, offset)}
+        if "captions" in extras:
+            b, caps = len(queries), extras["captions"].float()                            # target captions, then reference captions
+            hard = (caps[b:], batch["ref_negative"].to(device)) if len(caps) > b else (None, None)
+            terms["caption"] = infonce_loss(queries, gather_with_grad(caps[:b]), tau, gather_all(batch["caption_groups"].to(device)), offset, *hard)
+        if "aux_queries" in extras: terms["aux"] = infonce_loss(extras["aux_queries"].float(), targets, tau, groups, offset)
+        if "penalty" in extras: terms["penalty"] = extras["penalty"].float()
+    return terms
 
 def batch_loss(net:nn.Module, # a `QueryTargetNet`, or DDP around one
                batch:dict, # from `TripletBatches`: this rank's shard
                tau:float, # temperature
-               device:torch.device # where the net lives
+               device:torch.device, # where the net lives
+               weights:dict[str, float]|None=None, # weight of each term but `image` (which weighs 1); a term without one weighs 1
+               record:list|None=None # when a list, each call appends its detached terms
               ) -> torch.Tensor:
-    "In-batch InfoNCE of this rank's queries against the targets of every rank."
-    queries, targets = net(batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True),
-                           batch["ref_index"].to(device), batch["target_index"].to(device))
-    offset = dist.get_rank() * len(queries) if distributed() else 0
-    with torch.autocast(device.type, enabled=False):   # float32 logits even under autocast: at tau = 0.01 they reach 100
-        return infonce_loss(queries.float(), gather_with_grad(targets.float()), tau, gather_all(batch["groups"].to(device)), offset)
+    "In-batch InfoNCE of this rank's queries against the targets of every rank, plus the weighted caption and objective terms."
+    terms = batch_terms(net, batch, tau, device)
+    if record is not None: record.append({k: v.detach() for k, v in terms.items()})
+    loss = terms.pop("image")
+    for name, term in terms.items(): loss = loss + (weights or {}).get(name, 1.0) * term
+    return loss
 
 # %% ../nbs/06_stage1.ipynb #f3a0394c
 FORMATS = ("fashioniq", "cirr", "jsonl")
@@ -239,7 +330,7 @@ def check_cir_fields(config:Config):
 class Stage1Config(Config):
     "Settings of `train_stage1` (`spn4cir train --stage 1`); defaults are CLIP4Cir's stage-1 settings."
     job:ClassVar[str] = "stage1"
-    paths:ClassVar[tuple[str, ...]] = ("data", "model", "out", "extra")
+    paths:ClassVar[tuple[str, ...]] = ("data", "model", "out", "extra", "captions")
     data:str # dataset folder (official layout)
     format:Literal["fashioniq", "cirr", "jsonl"] # annotation format
     model:str # a checkpoint folder (pretraining, stage 1, ...) or an open_clip spec NAME[:PRETRAINED]
@@ -247,6 +338,11 @@ class Stage1Config(Config):
     extra:str|None = None # generated triplets in the dataset's train schema, appended after the human ones
     no_human:bool = False # train on the generated triplets alone (zero-shot setting)
     extra_ratio:float|None = None # at most this many generated triplets per human one each epoch; None: all
+    captions:str|None = None # captions.jsonl of the train images: a second InfoNCE term, each query against the target captions (InstructCIR)
+    caption_weight:float|None = None # weight of the caption term (default 1; needs --captions)
+    caption_negatives:bool|None = None # the reference image's caption as its query's extra hard negative (default on; needs --captions)
+    aux_loss:Literal["sprc"]|None = None # the model family's auxiliary stage-1 objective: 'sprc' = SPRC's prompt alignment (blip2 family)
+    aux_weights:tuple[float, float]|None = None # weights of the objective's extra-query InfoNCE and its penalty (default 0.4 0.4, SPRC's CIRR values)
     epochs:int = 10 # passes over the training triplets (with `patience`: the most it runs)
     patience:int|None = None # stop when validation has not improved for this many epochs (None: train every epoch)
     batch_size:int = 128 # global contrastive batch (split over processes)
@@ -279,6 +375,18 @@ class Stage1Config(Config):
         check_number(self, "cache_gb", 0); check_number(self, "ratio", 1)
         check_number(self, "warmup", 0)
         if self.warmup >= 1: raise SpnError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
+        check_number(self, "caption_weight", 0, optional=True)
+        if self.captions is None and (self.caption_weight is not None or self.caption_negatives is not None):
+            raise SpnError("caption_weight and caption_negatives shape the caption term, which needs captions (--captions FILE)")
+        if self.aux_weights is not None:
+            if self.aux_loss is None: raise SpnError("aux_weights weigh an auxiliary objective, which needs aux_loss (--aux-loss)")
+            if len(self.aux_weights) != 2 or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in self.aux_weights):
+                raise SpnError(f"aux_weights must be two finite numbers >= 0, got {self.aux_weights}")
+
+    def loss_weights(self) -> dict[str, float]:
+        "The weight of each loss term besides the image term (`batch_loss`), defaults filled in."
+        aux = (0.4, 0.4) if self.aux_weights is None else self.aux_weights
+        return {"caption": 1.0 if self.caption_weight is None else float(self.caption_weight), "aux": float(aux[0]), "penalty": float(aux[1])}
 
     def changeable(self) -> tuple[str, ...]:
         "Settings a resumed run may change (the epochs only when no schedule depends on them)."
@@ -300,18 +408,24 @@ class _Stage1Job(TrainJob):
                  device:torch.device, workers:int):
         self.model, self.module, self.data, self.config = model, module, batches, config
         self.rank, self.world, self.device, self.workers = rank, world, device, workers
+        self.weights, self.terms = config.loss_weights(), []
 
     def batches(self, epoch:int):
+        self.terms = []                                          # this epoch's detached loss terms (this process's shards)
         order = epoch_order(self.data.tset.generated, epoch, self.config.seed, self.config.extra_ratio)
         keys = _epoch_keys(order, epoch, self.config.batch_size, self.rank, self.world)
         return torch.utils.data.DataLoader(self.data, sampler=keys, batch_size=None, num_workers=self.workers,
                                            pin_memory=self.device.type == "cuda")
 
-    def step(self, batch:dict) -> torch.Tensor: return batch_loss(self.module, batch, self.config.tau, self.device)
+    def step(self, batch:dict) -> torch.Tensor: return batch_loss(self.module, batch, self.config.tau, self.device, self.weights, self.terms)
     def train_mode(self): cir_train_mode(self.model)
     def validate(self) -> tuple[dict, float]: return validate_cir(self.model, self.config)
     def epoch_extra(self, seconds:float, losses:list[float]) -> dict:
-        return {"triplets_per_second": round(len(losses) * self.config.batch_size / max(seconds, 1e-9), 1)}
+        "Throughput, and with a caption term or an objective the epoch's mean of each unweighted term (process 0's shards)."
+        extra = {"triplets_per_second": round(len(losses) * self.config.batch_size / max(seconds, 1e-9), 1)}
+        if self.terms and len(self.terms[0]) > 1:
+            extra["train_terms"] = {k: round(torch.stack([t[k] for t in self.terms]).mean().item(), 5) for k in self.terms[0]}
+        return extra
 
 # %% ../nbs/06_stage1.ipynb #0eb69a1f
 def _stage1_model(config:Stage1Config, state:Path|None, device:torch.device) -> tuple[CIRModel, list[nn.Parameter]]:
@@ -323,6 +437,7 @@ def _stage1_model(config:Stage1Config, state:Path|None, device:torch.device) -> 
         if fresh and net.combiner.kind != "sum" and config.train_part not in ("combiner", "all"):
             raise SpnError(f"the {net.combiner.kind} combiner is freshly initialised but train_part={config.train_part!r} leaves it "
                            "frozen; train it (train_part='combiner' or 'all') or use combiner='sum'")
+    net.use_objective(config.aux_loss)   # before collecting the parameters: an objective may add some; a family without it refuses
     return net, net.set_trainable(config.train_part, temperature=False)
 
 def _stage1_job(config:Stage1Config, net:CIRModel, tset:TrainingSet, rank:int, world:int, device:torch.device,
@@ -335,7 +450,7 @@ def _stage1_job(config:Stage1Config, net:CIRModel, tset:TrainingSet, rank:int, w
     n_epoch = len(epoch_order(tset.generated, 1, config.seed, config.extra_ratio))
     if n_epoch < config.batch_size:
         raise SpnError(f"batch_size {config.batch_size} is larger than the {n_epoch} training triplets of an epoch", config.data)
-    batches = TripletBatches(tset, config.format, transform, net.tokenize, config.seed, images)
+    batches = TripletBatches(tset, config.format, transform, net.tokenize, config.seed, images, config.caption_negatives is not False)
     return _Stage1Job(net, ddp_wrap(QueryTargetNet(net), device), batches, config, rank, world, device, workers), cache
 
 # %% ../nbs/06_stage1.ipynb #4aaa9b05
@@ -352,6 +467,7 @@ def train_stage1(config:Stage1Config, # the run's settings
         seed_everything(config.seed)
         tset = training_set(config.data, config.format, config.extra, config.no_human, config.categories, out / "cache",
                             progress=progress and rank == 0)
+        if config.captions is not None: tset = attach_captions(tset, config.captions)
         net, params = _stage1_model(config, state, dev)
         job, cached = _stage1_job(config, net, tset, rank, world, dev, progress)
         job.validation = cir_validation(config, dtype)

@@ -1,4 +1,4 @@
-"The mllm family (LLaVA as an InstructCIR / E5-V embedder): interface, padding, checkpoints, LLaVA folders, refusals, pretraining, stages, captioning."
+"The mllm family (LLaVA or LLaVA-NeXT as an InstructCIR / E5-V embedder): interface, padding, checkpoints, LLaVA(-NeXT) folders, refusals, pretraining, stages, captioning."
 import json
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from PIL import Image
 from spn4cir.caption import CaptionConfig, caption_dataset, read_captions, save_tiny_hf_captioner
 from spn4cir.core import SpnError, read_jsonl
 from spn4cir.engine import find_train_state
-from spn4cir.mllm import MllmCIR, caption_slots, check_prompts, tiny_mllm
+from spn4cir.mllm import MllmCIR, caption_slots, check_prompts, save_tiny_llava, tiny_mllm
 from spn4cir.models import FAMILIES, load_checkpoint, load_model, save_checkpoint
 from spn4cir.pretrain import PretrainConfig, pretrain_model
 from spn4cir.stage1 import Stage1Config, train_stage1
@@ -61,7 +61,7 @@ def test_left_padding_gives_the_unpadded_embedding(tiny):
     torch.testing.assert_close(cap_alone[0], cap_padded[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("options", [{}, {"head_dim": 32}, {"lora": {"r": 4}}])
+@pytest.mark.parametrize("options", [{}, {"head_dim": 32}, {"lora": {"r": 4}}, {"kind": "llava_next", "lora": {"r": 4}}])
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, options):
     model = tiny_mllm(seed=2, **options)
     with torch.no_grad():
@@ -103,6 +103,98 @@ def test_llava_folder_equals_the_transformers_last_token_state(tmp_path):
     with torch.no_grad(): assert torch.equal(load_checkpoint(tmp_path / "ck").encode_targets(inputs["pixel_values"]), ours[:, None])
 
 
+@pytest.fixture(scope="module")
+def next_folder(module_tmp):
+    return save_tiny_llava(module_tmp("llava_next") / "model", "llava_next", seed=0)
+
+
+def test_llava_next_folder_embeds_batches_and_round_trips(next_folder, tmp_path):
+    model = load_model(f"mllm:{next_folder}")
+    assert model.architecture == "llava_next" and type(model.llava).__name__ == "LlavaNextForConditionalGeneration"
+    assert model.config()["llava"]["model_type"] == "llava_next" and model.provenance["weights"] == str(next_folder.resolve())
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        targets, states = model.encode_gallery(x)
+        queries = model.state_queries(states, TEXTS)
+        alone = model.state_queries(states[:1], TEXTS[:1])
+    assert targets.shape == (3, 1, 64) and states.shape == (3, 17, 64) and queries.shape == (3, 64)   # 16 base-tile tokens + newline
+    for v in (targets[:, 0], queries): torch.testing.assert_close(v.norm(dim=-1), torch.ones(3))
+    assert not torch.allclose(targets[0], targets[1]) and not torch.allclose(queries[0], queries[1])
+    torch.testing.assert_close(alone[0], queries[0], atol=1e-5, rtol=1e-5)                    # left padding changes nothing
+    assert torch.equal(states[:, -1], model.llava.model.image_newline.expand(3, -1))
+    save_checkpoint(model, tmp_path / "ck")
+    again = load_checkpoint(tmp_path / "ck")
+    assert type(again.llava).__name__ == "LlavaNextForConditionalGeneration" and again.config() == model.config()
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(again.encode_targets(x), targets) and torch.equal(again.image_queries(x, TEXTS), queries)
+    assert again.describe(x[:2], max_new_tokens=4) == model.describe(x[:2], max_new_tokens=4)
+
+
+def test_llava_next_base_tile_equals_transformers(next_folder):
+    "Transformers' forward always adds a grid to the base tile: check the base tile's tokens and the LM pass on them separately."
+    import transformers as tf
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    model = load_model(f"mllm:{next_folder}")
+    processor = tf.AutoProcessor.from_pretrained(str(next_folder))
+    reference = tf.LlavaNextForConditionalGeneration.from_pretrained(str(next_folder)).eval()
+    inputs = processor(images=[Image.new("RGB", (80, 50), "red"), Image.new("RGB", (50, 90), "blue")], text=["<image> a", "<image> b"],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        packed = reference.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        state = model.reference_state(inputs["pixel_values"][:, 0])            # the processor's first tile is the base tile
+        for i in range(2):
+            torch.testing.assert_close(state[i, :16], packed[i][:16], atol=1e-5, rtol=1e-5)   # packed first, then the grid
+            single, _ = reference.model.pack_image_features([state[i, None, :16]], None, "default", reference.model.image_newline)
+            torch.testing.assert_close(state[i], single[0])                  # a single tile's packing: the newline after it
+            for kind, texts in (("gallery", None), ("query", ["make it blue"])):
+                ours = model.embed(kind, state[i:i + 1], texts)
+                ids, mask, _ = model.prompt_rows(kind, 1, 17, model.tokenize(texts) if texts else None)
+                out = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[state[i]])})
+                torch.testing.assert_close(ours, F.normalize(out.hidden_states[-1][:, -1], dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_llava_next_stage2_step_uses_cached_states(tmp_path):
+    model = tiny_mllm(seed=7, kind="llava_next")
+    files = {}
+    for i, colour in enumerate(["red", "green", "blue"]):
+        files[f"i{i}"] = tmp_path / f"{i}.png"; Image.new("RGB", (64, 64), colour).save(files[f"i{i}"])
+    bank = build_banks(model, files, progress=False)
+    assert bank.refer_bank.shape == (3, 17, 64)
+    model.freeze_image_side()
+    assert not model.llava.model.image_newline.requires_grad and "newline.image_newline" in model.image_side().state_dict()
+    q = step_queries(model, bank, torch.tensor([0, 2]), TEXTS[:2])
+    q.sum().backward()
+    assert q.shape == (2, 64) and any(p.grad is not None for p in model.llava.model.language_model.parameters())
+
+
+def test_llava_next_refusals(next_folder, tmp_path):
+    import shutil
+    import transformers as tf
+    model = tf.LlavaNextForConditionalGeneration.from_pretrained(str(next_folder))
+    bin_only = tmp_path / "bin"; shutil.copytree(next_folder, bin_only)
+    torch.save(model.state_dict(), bin_only / "pytorch_model.bin"); (bin_only / "model.safetensors").unlink()
+    with pytest.raises(SpnError) as e: load_model(f"mllm:{bin_only}")
+    _one_line(e, ".bin", "safetensors")
+    no_processor = tmp_path / "noproc"; model.save_pretrained(no_processor)
+    with pytest.raises(SpnError) as e: load_model(f"mllm:{no_processor}")
+    _one_line(e, "no processor")
+    no_image = tmp_path / "noimage"; shutil.copytree(next_folder, no_image)
+    config = json.loads((no_image / "config.json").read_text()); config["image_token_index"] = 1   # '<pad>', not '<image>'
+    (no_image / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpnError) as e: load_model(f"mllm:{no_image}")
+    _one_line(e, "no image token")
+    other = tmp_path / "other"; shutil.copytree(next_folder, other)
+    config = json.loads((other / "config.json").read_text()); config["model_type"] = "llava_onevision"
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpnError) as e: load_model(f"mllm:{other}")
+    _one_line(e, "'llava_onevision'", "'llava' or 'llava_next'", "LlavaNextForConditionalGeneration")
+    with pytest.raises(SpnError) as e: MllmCIR(tiny_mllm(kind="llava_next").config(), llava=tiny_mllm().llava)
+    _one_line(e, "'llava_next'", "'llava'")
+
+
 def _one_line(excinfo, *words):
     message = str(excinfo.value)
     assert "\n" not in message and all(w in message for w in words), message
@@ -125,7 +217,7 @@ def test_refusals(tmp_path):
     clip = tmp_path / "clip"; tf.CLIPModel(tf.CLIPConfig(vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=16),
                                                          text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))).save_pretrained(clip)
     with pytest.raises(SpnError) as e: load_model(f"mllm:{clip}")
-    _one_line(e, "'clip'", "not a LLaVA")
+    _one_line(e, "'clip'", "not a LLaVA", "'llava' or 'llava_next'")
     no_processor = tmp_path / "noproc"; model.save_pretrained(no_processor)
     with pytest.raises(SpnError) as e: load_model(f"mllm:{no_processor}")
     _one_line(e, "no processor")

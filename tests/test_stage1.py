@@ -1,5 +1,5 @@
 """Tests of spn4cir.stage1: multi-process equivalence (gloo, 2 CPU processes), exact resume, non-finite loss, mixing, train parts."""
-import os
+import json, os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +15,8 @@ from spn4cir.models import CIRModel, build_backbone, load_checkpoint, save_check
 from spn4cir.synthetic import write_shapes_cir
 import spn4cir.engine as engine
 import spn4cir.stage1 as stage1
-from spn4cir.stage1 import (CURVE_FILE, HISTORY_FILE, STATE_DIR, QueryTargetNet, Stage1Config, TripletBatches, batch_loss,
-                            training_set)
+from spn4cir.stage1 import (CURVE_FILE, HISTORY_FILE, STATE_DIR, QueryTargetNet, Stage1Config, TripletBatches, attach_captions,
+                            batch_loss, batch_terms, infonce_loss, training_set)
 from spn4cir.stage1 import train_stage1 as stage1_job
 
 
@@ -52,13 +52,13 @@ STEP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from safetensors.torch import save_file
 from spn4cir.models import load_checkpoint, set_trainable
-from spn4cir.stage1 import QueryTargetNet, TripletBatches, batch_loss, training_set
-ckpt, data, out = sys.argv[1:4]
+from spn4cir.stage1 import QueryTargetNet, TripletBatches, attach_captions, batch_loss, training_set
+{PREPARED}
+ckpt, data, out, captions = sys.argv[1:5]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 model = load_checkpoint(ckpt); set_trainable(model, "both"); model.train(); model.backbone.eval()
-tset = training_set(data, "cirr", progress=False)
-tset.target_groups[6] = tset.target_groups[1]        # a duplicate pair split across the two ranks
+tset = prepared(training_set(data, "cirr", progress=False), captions)
 batches = TripletBatches(tset, "cirr", model.image_transform(), model.tokenize, seed=0)
 shard = len({B}) // world
 ddp = torch.nn.parallel.DistributedDataParallel(QueryTargetNet(model))
@@ -72,6 +72,18 @@ dist.barrier()
 dist.destroy_process_group()
 """
 
+PREPARED = """
+def prepared(tset, captions):
+    "A duplicate pair split across the two ranks (targets 1 and 6); with captions, their captions grouped too and the hard negatives."
+    tset.target_groups[6] = tset.target_groups[1]
+    if captions == "-": return tset
+    tset = attach_captions(tset, captions)
+    tset.caption_groups[tset.target_rows[6]] = tset.caption_groups[tset.target_rows[1]]
+    return tset
+"""
+exec(PREPARED)
+
+
 def torchrun(script:Path, *args, nproc:int=2, timeout:int=600):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *map(str, args)]
@@ -79,16 +91,18 @@ def torchrun(script:Path, *args, nproc:int=2, timeout:int=600):
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def test_two_processes_give_the_single_process_loss_and_gradients(world, tmp_path):
-    batch = list(range(8))
-    script = tmp_path/"step.py"; script.write_text(STEP_SCRIPT.format(B=batch))
-    torchrun(script, world["ckpt"], world["cirr"], tmp_path/"ddp.safetensors")
+@pytest.mark.parametrize("with_captions", [False, True], ids=["plain", "caption-term"])
+def test_two_processes_give_the_single_process_loss_and_gradients(world, tmp_path, with_captions):
+    "Also with the caption term: target captions gathered across ranks with their groups, each reference caption a local hard negative."
+    batch, captions = list(range(8)), str(world["cirr"]/"oracle_captions.jsonl") if with_captions else "-"
+    script = tmp_path/"step.py"; script.write_text(STEP_SCRIPT.format(B=batch, PREPARED=PREPARED))
+    torchrun(script, world["ckpt"], world["cirr"], tmp_path/"ddp.safetensors", captions)
     ddp = load_file(str(tmp_path/"ddp.safetensors"))
 
     model = load_checkpoint(world["ckpt"]); set_trainable(model, "both"); model.train(); model.backbone.eval()
-    tset = training_set(world["cirr"], "cirr", progress=False)
-    tset.target_groups[6] = tset.target_groups[1]
+    tset = prepared(training_set(world["cirr"], "cirr", progress=False), captions)
     batches = TripletBatches(tset, "cirr", model.image_transform(), model.tokenize, seed=0)
+    if with_captions: assert batch_terms(QueryTargetNet(model), batches[(0, batch)], 0.05, torch.device("cpu")).keys() == {"image", "caption"}
     loss = batch_loss(QueryTargetNet(model), batches[(0, batch)], 0.05, torch.device("cpu"))
     loss.backward()
     single = {"loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
@@ -263,3 +277,97 @@ def test_without_patience_every_epoch_runs(world, tmp_path, monkeypatch):
     run = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"n", **(RUN | {"epochs": 3}))
     assert run["epochs_run"] == 3 and not run["stopped_early"] and "since_best" not in run["history"][-1]
     with pytest.raises(SpnError, match="patience"): Stage1Config("d", "cirr", "m", "o", patience=0)
+
+
+# ---------------------------------------------------------------- the caption term (InstructCIR), family objectives
+
+def _families():
+    "A micro open_clip model and the tiny BLIP-2 and MLLM families, random weights: the caption term goes through the interface only."
+    from spn4cir.models import load_model
+    torch.manual_seed(0)
+    backbone = build_backbone(MICRO)
+    micro = CIRModel(backbone, {"name": "micro", "model_cfg": MICRO, "preprocess_cfg": open_clip.get_model_preprocess_cfg(backbone)})
+    return {"open_clip": micro, "blip2": load_model("spn-tiny-blip2"), "mllm": load_model("spn-tiny-mllm")}
+
+@pytest.mark.parametrize("family", ["open_clip", "blip2", "mllm"])
+def test_caption_term_through_every_family(world, family):
+    "The caption term is InfoNCE of the queries against `caption_embeddings` of the target captions, reference captions an extra column."
+    model = _families()[family]; model.set_trainable("both"); model.cir_train()
+    tset = attach_captions(training_set(world["cirr"], "cirr", progress=False), world["cirr"]/"oracle_captions.jsonl")
+    batch = TripletBatches(tset, "cirr", model.image_transform(), model.tokenize, seed=0)[(0, list(range(6)))]
+    net, cpu = QueryTargetNet(model), torch.device("cpu")
+    queries, targets, extras = net(batch["images"], batch["tokens"], batch["ref_index"], batch["target_index"],
+                                   torch.cat([batch["target_captions"], batch["ref_captions"]]))
+    terms = batch_terms(net, batch, 0.05, cpu)
+    with torch.no_grad():
+        captions = model.caption_embeddings(batch["target_captions"]); refs = model.caption_embeddings(batch["ref_captions"])
+        torch.testing.assert_close(extras["captions"], torch.cat([captions, refs]), atol=1e-5, rtol=1e-5)
+        expected = infonce_loss(queries, captions, 0.05, batch["caption_groups"], negatives=refs, negative_mask=batch["ref_negative"])
+    torch.testing.assert_close(terms["caption"], expected, atol=1e-5, rtol=1e-5)
+    plain = {k: v for k, v in batch.items() if k not in ("target_captions", "ref_captions", "ref_negative", "caption_groups")}
+    assert torch.equal(batch_loss(net, batch, 0.05, cpu, {"caption": 0.0}), batch_loss(net, plain, 0.05, cpu))   # weight 0: the plain loss
+    loss = batch_loss(net, batch, 0.05, cpu, {"caption": 2.0})
+    torch.testing.assert_close(loss, terms["image"] + 2.0 * terms["caption"], atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_hard_negatives_follow_caption_groups(world):
+    "A reference whose caption is its target's (same text, or a duplicate image) is no hard negative; identical captions are no negatives."
+    tset = training_set(world["cirr"], "cirr", progress=False)
+    lines = [json.loads(l) for l in (world["cirr"]/"oracle_captions.jsonl").read_text().splitlines()]
+    same = tset.image_names[int(tset.ref_rows[0])], tset.image_names[int(tset.target_rows[0])]
+    by_name = {r["image"]: r["caption"] for r in lines} | {same[0]: "one shape", same[1]: "One  shape"}
+    path = world["root"]/"same_caption.jsonl"
+    path.write_text("".join(json.dumps({"image": n, "caption": c}) + "\n" for n, c in by_name.items()))
+    captioned = attach_captions(tset, path)
+    batch = TripletBatches(captioned, "cirr", lambda im: torch.zeros(3, 4, 4), lambda texts: torch.zeros(len(texts), 2), seed=0, images=torch.zeros(len(tset.image_names), 3, 4, 4))[(0, [0, 1])]
+    assert batch["ref_negative"].tolist()[0] is False and captioned.caption_groups[tset.ref_rows[0]] == captioned.caption_groups[tset.target_rows[0]]
+    with_text_twin = [i for i in range(1, len(tset)) if by_name[tset.image_names[int(tset.target_rows[i])]] in ("one shape", "One  shape")]
+    assert all(captioned.caption_groups[tset.target_rows[i]] == captioned.caption_groups[tset.target_rows[0]] for i in with_text_twin)
+
+
+def test_a_training_image_without_caption_is_one_line(world, tmp_path):
+    lines = (world["cirr"]/"oracle_captions.jsonl").read_text().splitlines()
+    human = training_set(world["cirr"], "cirr", progress=False)
+    victim = human.triplets[3].target
+    (tmp_path/"c.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["image"] != victim))
+    with pytest.raises(SpnError) as e:
+        train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"x", captions=tmp_path/"c.jsonl", **RUN)
+    assert str(e.value).startswith(f"{tmp_path/'c.jsonl'}: no caption for image {victim!r}") and "\n" not in str(e.value)
+    # a generated triplet's image (a train image no human triplet uses) needs its caption in the same file
+    from spn4cir.data import load_dataset
+    unused = next(n for n in load_dataset(world["cirr"], "cirr", "train")["all"].images if n not in set(human.image_names))
+    t = human.triplets[0]
+    write_triplets(tmp_path/"gen.json", [t.__class__(t.reference, unused, ["a generated text"], pairid=900, members=t.members, extra=dict(t.extra))], "cirr")
+    (tmp_path/"c2.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["image"] != unused))
+    with pytest.raises(SpnError, match=f"no caption for image '{unused}', the target of generated triplet 0 \\(the extra file\\)"):
+        train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"y", extra=tmp_path/"gen.json", captions=tmp_path/"c2.jsonl", **RUN)
+
+
+def test_caption_weight_zero_trains_exactly_the_plain_run(world, tmp_path):
+    one = dict(RUN, epochs=1)
+    plain = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"p", **one)
+    zero = train_stage1(world["cirr"], "cirr", world["ckpt"], tmp_path/"z", captions=world["cirr"]/"oracle_captions.jsonl", caption_weight=0.0, **one)
+    a, b = weights(tmp_path/"p"/STATE_DIR), weights(tmp_path/"z"/STATE_DIR)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert zero["history"][1]["train_loss"] == plain["history"][1]["train_loss"] and "train_terms" not in plain["history"][1]
+    terms = zero["history"][1]["train_terms"]
+    assert set(terms) == {"image", "caption"} and terms["caption"] > 0 and terms["image"] == pytest.approx(plain["history"][1]["train_loss"], abs=1e-5)
+
+
+def test_cli_trains_with_captions_and_refuses_sprc_on_open_clip(world, tmp_path, cli):
+    captions = world["cirr"]/"oracle_captions.jsonl"
+    base = ["train", "--stage", "1", "--data", world["cirr"], "--format", "cirr", "--model", world["ckpt"], "--epochs", 1,
+            "--batch-size", 8, "--lr", 1e-4, "--tau", 0.05, "--device", "cpu"]
+    cli(*base, "--out", tmp_path/"c", "--captions", captions, "--caption-weight", 0.5, "--no-caption-negatives")
+    settings = read_json(tmp_path/"c"/"settings.json")
+    assert (settings["captions"], settings["caption_weight"], settings["caption_negatives"]) == (str(captions.resolve()), 0.5, False)
+    record = read_jsonl(tmp_path/"c"/HISTORY_FILE)[1]
+    assert record["train_loss"] == pytest.approx(record["train_terms"]["image"] + 0.5 * record["train_terms"]["caption"], abs=1e-4)
+    done = cli(*base, "--out", tmp_path/"s", "--aux-loss", "sprc", ok=False)
+    last = done.stderr.rstrip("\n").split("\n")[-1]                      # after the duplicate-hashing bar: one line
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "the open_clip family has no stage-1 objective 'sprc'" in last and "pass a blip2 model" in last
+    done = cli(*base, "--out", tmp_path/"w", "--caption-weight", 2, ok=False)
+    assert done.returncode == 2 and "needs captions (--captions FILE)" in done.stderr
