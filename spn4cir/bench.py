@@ -539,7 +539,7 @@ def _family_step_piece(spec:str, batch:int, bank_rows:int, reps:int, device:str,
     net = QueryTargetNet(model)
     one = torch.optim.AdamW(model.set_trainable("both", temperature=False), lr=1e-7)
     def stage1_step():
-        q, t = net(images, tokens.to(device), refs.to(device), targets.to(device))
+        q, t, _ = net(images, tokens.to(device), refs.to(device), targets.to(device))
         loss = infonce_loss(q.float(), t.float(), tau); one.zero_grad(set_to_none=True); loss.backward(); one.step()
     bank = build_banks(model, files, progress=False)
     tiles = -(-bank_rows // len(bank))

@@ -254,7 +254,7 @@ class QueryTargetNet(nn.Module):
                 target_index:torch.Tensor, # (b,) row of each target in `images`
                 captions:torch.Tensor|None=None # (c, L) caption token ids to embed (the caption term), or None
                ) -> tuple:
-        "`(queries, targets)`; `(queries, targets, extras)` when captions are given or the family's objective is on."
+        "`(queries, targets, extras)`; `extras` holds `captions`, `aux_queries` and `penalty` where they apply, else it is empty."
         m = self.model
         image_grad = torch.is_grad_enabled() and any(p.requires_grad for p in m.image_side().parameters())
         with torch.set_grad_enabled(image_grad):
@@ -266,7 +266,7 @@ class QueryTargetNet(nn.Module):
         extras = {k: v for k, v in (("captions", None if captions is None else m.caption_embeddings(captions)),   # (c, D) unit
                                     ("aux_queries", aux_queries), ("penalty", penalty)) if v is not None}
         targets = squeeze_targets(targets[target_index])                                     # (b, D) or (b, K, D) unit
-        return (queries, targets, extras) if extras else (queries, targets)
+        return queries, targets, extras
 
 def _caption_tokens(batch:dict) -> torch.Tensor|None:
     "The target captions' tokens, then the reference captions' when the batch has them (one `caption_embeddings` pass)."
@@ -280,9 +280,8 @@ def batch_terms(net:nn.Module, # a `QueryTargetNet`, or DDP around one
                ) -> dict[str, torch.Tensor]:
     "This rank's loss terms: `image` (queries vs every rank's targets); `caption` with captions; `aux` and `penalty` with a family objective."
     captions = _caption_tokens(batch)
-    out = net(batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True), batch["ref_index"].to(device),
+    queries, targets, extras = net(batch["images"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True), batch["ref_index"].to(device),
               batch["target_index"].to(device), None if captions is None else captions.to(device, non_blocking=True))
-    queries, targets, extras = out if len(out) == 3 else (*out, {})
     offset = dist.get_rank() * len(queries) if distributed() else 0
     with torch.autocast(device.type, enabled=False):   # float32 logits even under autocast: at tau = 0.01 they reach 100
         queries, targets, groups = queries.float(), gather_with_grad(targets.float()), gather_all(batch["groups"].to(device))

@@ -288,9 +288,9 @@ def test_sprc_is_off_by_default_and_never_changes_the_query_path(shapes):
         torch.testing.assert_close(plain[0], model.image_queries(batch["images"][batch["ref_index"]], batch["tokens"]))  # the path before the hook
         model.use_objective("sprc")
         queries, targets, extras = net(*args)
-    assert len(plain) == 2 and torch.equal(queries, plain[0]) and torch.equal(targets, plain[1]) and set(extras) == {"aux_queries", "penalty"}
+    assert plain[2] == {} and torch.equal(queries, plain[0]) and torch.equal(targets, plain[1]) and set(extras) == {"aux_queries", "penalty"}
     model.use_objective(None)
-    with torch.no_grad(): assert len(net(*args)) == 2                 # off again: the prompt stays, the terms go
+    with torch.no_grad(): assert net(*args)[2] == {}                 # off again: the prompt stays, the terms go
 
 
 def test_sprc_terms_are_finite_and_train_the_prompt(shapes):
