@@ -265,9 +265,9 @@ def read_vocab(path:str|os.PathLike|dict # a vocab JSON file, or its content
     return vocab
 
 class ClipVocabCaptioner(Captioner):
-    "Zero-shot captions: the vocabulary's template with the phrase per slot that a CLIP model scores highest."
+    "Zero-shot captions: the vocabulary's template with the phrase per slot that a model's image and caption embeddings score highest."
 
-    def __init__(self, model, # a `CIRModel`, or a spec for `spn4cir.models.load_model` (checkpoint folder or NAME[:PRETRAINED])
+    def __init__(self, model, # a model of any family, or a spec for `spn4cir.models.load_model` (checkpoint folder or NAME[:PRETRAINED])
                  vocab:str|os.PathLike|dict, # vocab JSON file or dict: {"template", "slots"}
                  scoring:str="auto", # 'joint', 'greedy', or 'auto' (joint when at most `max_joint` captions)
                  max_joint:int=20000, # the most full captions joint scoring encodes
@@ -296,23 +296,24 @@ class ClipVocabCaptioner(Captioner):
 
     @torch.no_grad()
     def _texts(self, texts:list[str], chunk:int=1024) -> torch.Tensor:
-        "Normalised text features (N, D), in chunks."
-        return torch.cat([self.model.encode_texts(texts[i:i + chunk]).float() for i in range(0, len(texts), chunk)])
+        "Unit caption vectors (N, D), in chunks."
+        return torch.cat([self.model.caption_embeddings(self.model.tokenize(texts[i:i + chunk]).to(self.device)).float()
+                          for i in range(0, len(texts), chunk)])
 
     @torch.no_grad()
     def choose(self, images:list[Image.Image] # a batch of images
               ) -> list[dict[str, str]]:
         "The chosen phrase per slot for each image."
-        feats = self.model.encode_images(torch.stack([self.transform(im) for im in images]).to(self.device)).float()  # (B, D)
+        feats = self.model.encode_targets(torch.stack([self.transform(im) for im in images]).to(self.device)).float()  # (B, K, D)
         if self.scoring == "joint":
-            best = (feats @ self._caption_features.T).argmax(1).tolist()
+            best = (feats @ self._caption_features.T).amax(1).argmax(1).tolist()      # an image scores a text by its best target vector
             return [dict(zip(self.slots, self._choices[b])) for b in best]
         picks = [{s: ps[i] for s, ps, i in zip(self.slots, self.slots.values(), idx)}
-                 for idx in zip(*[(feats @ self._phrase_features[s].T).argmax(1).tolist() for s in self.slots])]
+                 for idx in zip(*[(feats @ self._phrase_features[s].T).amax(1).argmax(1).tolist() for s in self.slots])]
         for _ in range(self.rounds):
             for slot, phrases in self.slots.items():
                 texts = [self.template.format(**{**pick, slot: p}) for pick in picks for p in phrases]
-                scores = (self._texts(texts).view(len(images), len(phrases), -1) * feats[:, None]).sum(-1)  # (B, phrases)
+                scores = torch.einsum("bpd,bkd->bpk", self._texts(texts).view(len(images), len(phrases), -1), feats).amax(-1)  # (B, phrases)
                 for pick, i in zip(picks, scores.argmax(1).tolist()): pick[slot] = phrases[i]
         return picks
 

@@ -8,7 +8,8 @@ import transformers as tf
 from safetensors.torch import load_file
 
 from spn4cir.blip2 import TINY_NAME, Blip2CIR, TextTokenizer, save_tiny_blip2, tiny_tokenizer, tokenizer_spec
-from spn4cir.core import SpnError
+from spn4cir.caption import read_vocab
+from spn4cir.core import SpnError, read_jsonl
 from spn4cir.engine import find_train_state
 from spn4cir.models import FAMILIES, load_checkpoint, load_model, save_checkpoint
 from spn4cir.pretrain import PretrainConfig, pretrain_model
@@ -174,12 +175,13 @@ def test_stage1_then_stage2_train_and_stage2_keeps_the_image_side(shapes, pretra
     assert any(copy_moved)
 
 
-def test_cli_eval_and_positives_take_a_blip2_checkpoint(shapes, pretrained, tmp_path, cli):
+def test_cli_eval_caption_and_positives_take_a_blip2_checkpoint(shapes, pretrained, tmp_path, cli):
     ckpt, _ = pretrained
     metrics = cli("eval", "--data", shapes, "--format", "cirr", "--model", ckpt, "--out", tmp_path / "m.json", "--device", "cpu")
     assert set(metrics["benchmarks"]["cirr"]["metrics"]) >= {"R@1", "R@5", "Rs@1", "avg"}
     captions = tmp_path / "captions.jsonl"
-    cli("caption", "--data", shapes, "--format", "cirr", "--captioner", "metadata", "--out", captions)
+    cli("caption", "--data", shapes, "--format", "cirr", "--captioner", "clip-vocab", "--model", ckpt, "--out", captions, "--device", "cpu")
+    assert all(set(r["slots"]) == set(read_vocab(shapes / "vocab.json")["slots"]) for r in read_jsonl(captions))   # BLIP-2 chose a phrase per slot
     cli("positives", "--data", shapes, "--format", "cirr", "--captions", captions, "--model", ckpt, "--window", "0.2:0.5",
                 "--k", 1, "--out", tmp_path / "positives.json", "--device", "cpu")
     assert len(json.loads((tmp_path / "positives.json").read_text())) > 0
