@@ -181,7 +181,8 @@ def test_cli_eval_caption_and_positives_take_a_blip2_checkpoint(shapes, pretrain
     assert set(metrics["benchmarks"]["cirr"]["metrics"]) >= {"R@1", "R@5", "Rs@1", "avg"}
     captions = tmp_path / "captions.jsonl"
     cli("caption", "--data", shapes, "--format", "cirr", "--captioner", "clip-vocab", "--model", ckpt, "--out", captions, "--device", "cpu")
-    assert all(set(r["slots"]) == set(read_vocab(shapes / "vocab.json")["slots"]) for r in read_jsonl(captions))   # BLIP-2 chose a phrase per slot
+    chosen = read_jsonl(captions)
+    assert chosen and all(set(r["slots"]) == set(read_vocab(shapes / "vocab.json")["slots"]) for r in chosen)   # BLIP-2 chose a phrase per slot
     cli("positives", "--data", shapes, "--format", "cirr", "--captions", captions, "--model", ckpt, "--window", "0.2:0.5",
                 "--k", 1, "--out", tmp_path / "positives.json", "--device", "cpu")
     assert len(json.loads((tmp_path / "positives.json").read_text())) > 0
